@@ -159,7 +159,7 @@ def rope_tables(head_dim, max_len, theta):
 
 
 def apply_rope(x, cos, sin):
-    """Rotate each pair (x_i, x_{i+d/2}) by the angle of its position. x: (B, H, T, hd); cos, sin: (B, 1, T, hd/2)."""
+    """Rotate each pair (x_i, x_{i+d/2}) by the angle of its position. x: (B, T, H, hd); cos, sin: (B, T, 1, hd/2)."""
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
 
@@ -181,11 +181,12 @@ class Attention(nn.Module):
     def forward(self, x, rope, mask, cache):
         B, T, _ = x.shape
         cfg = self.cfg
-        q = self.q_proj(x).view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)     # (B, n_head, T, hd)
-        k = self.k_proj(x).view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)  # (B, n_kv_head, T, hd)
-        v = self.v_proj(x).view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)  # (B, n_kv_head, T, hd)
+        q = self.q_proj(x).view(B, T, cfg.n_head, cfg.head_dim)     # (B, T, n_head, hd)
+        k = self.k_proj(x).view(B, T, cfg.n_kv_head, cfg.head_dim)  # (B, T, n_kv_head, hd)
+        v = self.v_proj(x).view(B, T, cfg.n_kv_head, cfg.head_dim)  # (B, T, n_kv_head, hd)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)           # (B, heads, T, hd)
         if cache is not None:  # append this step's keys/values; attend over everything cached so far
             k, v = cache.update(k, v)                                               # (B, n_kv_head, Tk, hd)
         y = attention(q, k, v, causal=True, mask=mask,
@@ -293,7 +294,7 @@ class GPT(nn.Module):
         if self.wpe is not None:
             x = x + self.wpe(pos)
         else:
-            rope = (self.rope_cos[pos][:, None], self.rope_sin[pos][:, None])        # (B, 1, T, hd/2)
+            rope = (self.rope_cos[pos][:, :, None], self.rope_sin[pos][:, :, None])  # (B, T, 1, hd/2)
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
             x = block(x, rope, mask, None if cache is None else cache.layers[i])
@@ -366,13 +367,10 @@ class KVCache:
 
 
 def logprobs_from_logits(logits, temperature=1.0):
-    """log softmax(z / T) over the real token ids (notes 10.5, temperature sampling); the vocabulary's
-    padding ids get probability 0. Sampling and sequence log-probs both use this one function."""
-    z = logits.float()
-    if temperature != 1.0:
-        z = z / temperature
-    z[..., N_TOKENS:] = float("-inf")
-    return F.log_softmax(z, dim=-1)
+    """log softmax(z / T) over the real token ids only (notes 10.5, temperature sampling): the
+    vocabulary's padding ids are dropped, so the result is (..., N_TOKENS). Sampling and sequence
+    log-probs both use this one function, so they score exactly the distribution that is sampled."""
+    return F.log_softmax(logits[..., :N_TOKENS].float() / temperature, dim=-1)
 
 
 def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
