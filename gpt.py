@@ -836,14 +836,6 @@ def corpus_batches(data, batch_size, block_size, seed):
     return get_batch
 
 
-@dataclass
-class PretrainDefaults:
-    """Defaults of `python gpt.py`: about two minutes of training on a 2-core CPU."""
-    model: GPTConfig = field(default_factory=GPTConfig)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=1000, batch_size=32, lr=3e-3))
-    data: DataConfig = field(default_factory=DataConfig)
-
-
 def pretrain(model_cfg, train_cfg, data_cfg):
     """Train a GPT on the corpus; saves out_dir/gpt.pt and returns the metrics."""
     train_data, val_data, source = load_corpus(data_cfg)
@@ -875,30 +867,48 @@ def pretrain(model_cfg, train_cfg, data_cfg):
     return model, result
 
 
+@torch.no_grad()
 def bench_decoding(model_cfg, device, contexts=(128, 256, 512, 1024), steps=16):
-    """Per-token decode time with the KV cache vs recomputing the full forward, at growing context."""
+    """Per-token decode time with the KV cache vs recomputing the full forward, at growing context.
+    Each step feeds one token after `context` tokens; best of three runs of `steps` steps."""
     cfg = dataclasses.replace(model_cfg, block_size=max(contexts) + steps)
     model = GPT(cfg).to(device).eval()
-    rows = []
-    for ctx in contexts:
-        prompt = [[BOS] + [ord("a")] * (ctx - 1)]
-        times = {}
-        for use_cache in (True, False):
-            generate(model, prompt, 2, temperature=0, use_cache=use_cache, eos=-1)  # warm up
+    ids = torch.randint(0, 256, (1, cfg.block_size), device=device)
+
+    def sync():
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    def per_token(ctx, use_cache):
+        best = float("inf")
+        for _ in range(3):
+            cache = KVCache(cfg, 1, ctx + steps, device, torch.float32) if use_cache else None
+            if use_cache:
+                model(ids[:, :ctx], cache=cache)  # prefill, not timed
+            sync()
             t = time.perf_counter()
-            generate(model, prompt, steps, temperature=0, use_cache=use_cache, eos=-1)
-            times[use_cache] = (time.perf_counter() - t) / steps
-        rows.append((ctx, times[True] * 1e3, times[False] * 1e3, times[False] / times[True]))
+            for i in range(ctx, ctx + steps):
+                if use_cache:
+                    model(ids[:, i:i + 1], cache=cache, last_only=True)
+                else:
+                    model(ids[:, :i + 1], last_only=True)
+            sync()
+            best = min(best, (time.perf_counter() - t) / steps)
+        return best
+
     print(f"\nKV-cache decoding, {model.num_params():,} parameters, batch 1, device {device}")
     print(f"{'context':>8} {'cache ms/token':>15} {'recompute ms/token':>19} {'speedup':>8}")
-    for ctx, c, r, s in rows:
-        print(f"{ctx:>8} {c:>15.2f} {r:>19.2f} {s:>7.1f}x")
+    rows = []
+    for ctx in contexts:
+        cached, full = per_token(ctx, True), per_token(ctx, False)
+        rows.append({"context": ctx, "cache_ms": cached * 1e3, "recompute_ms": full * 1e3, "speedup": full / cached})
+        print(f"{ctx:>8} {cached * 1e3:>15.2f} {full * 1e3:>19.2f} {full / cached:>7.1f}x")
     return rows
 
 
 def main(argv=None):
-    d = PretrainDefaults()
-    model_cfg, train_cfg, data_cfg = parse_args([d.model, d.train, d.data], argv, description=__doc__.split("\n")[1])
+    model_cfg, train_cfg, data_cfg = parse_args([GPTConfig(), TrainConfig(), DataConfig()], argv,
+                                                description=__doc__.split("\n")[1])
     if data_cfg.bench:
         bench_decoding(model_cfg, pick_device(train_cfg.device))
         return

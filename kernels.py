@@ -12,17 +12,40 @@ absolute position Tk - Tq + i, so the same call serves training (Tq == Tk), pref
 KV cache and one-token decoding (Tq == 1). `mask` (bool, broadcastable to (B, n_head, Tq, Tk),
 True = may attend) is combined with the causal mask; gpt.py uses it for left padding.
 
-Paths (environment variable ATTN_IMPL = auto | sdpa | reference; the choice is printed once):
+Paths (environment variable ATTN_IMPL = auto | triton | sdpa | reference; the choice is printed once):
+  triton     FlashAttention-2 in Triton (below): the L x L score matrix is never stored, so memory is
+             O(B L d_model) instead of O(B H L^2) at the same O(B H L^2 d_head) time (notes 4.10, Table 2)
   sdpa       torch.nn.functional.scaled_dot_product_attention (flash / memory-efficient / math)
   reference  explicit softmax in float64, for tests
+`auto` takes the Triton kernel on CUDA for the calls it supports (see select_path), SDPA otherwise;
+`triton` forces the kernel (on CPU: only under TRITON_INTERPRET=1), except for what it cannot compute
+(an explicit mask, dropout), which still goes to SDPA.
+`python kernels.py` checks the kernel against the reference (in Triton's CPU interpreter when there
+is no GPU) and, on a GPU, benchmarks it against SDPA's flash backend and the naive implementation.
 """
 import math
 import os
+from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
-IMPLS = ("auto", "sdpa", "reference")
+if __name__ == "__main__" and not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # no GPU: run the kernels in Triton's CPU interpreter
+try:
+    import triton
+    import triton.language as tl
+    HAS_TRITON = True
+except ImportError:  # a CPU-only install: attention() uses SDPA; the kernels below are defined, never run
+    HAS_TRITON = False
+    triton, tl = SimpleNamespace(jit=lambda fn: fn), SimpleNamespace(constexpr=None)
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true")
+IMPLS = ("auto", "triton", "sdpa", "reference")
+FLASH_HEAD_DIMS = (16, 32, 64, 128)
+FLASH_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+LOG2E = 1.4426950408889634  # the kernels use exp2: e^x = 2^(x log2 e)
 _announced = set()
 
 
@@ -59,19 +82,446 @@ def sdpa_attention(q, k, v, causal=True, mask=None, scale=None, dropout_p=0.0):
                                           is_causal=is_causal, scale=scale, enable_gqa=gqa)
 
 
-def _announce(name):
+# ----------------------------------------------------------------------------------------------
+# Triton kernels (FlashAttention-2). Every tensor is contiguous (B, heads, T, D), viewed as
+# (B*heads, T, D): the program of query head bh = b*H + h reads key/value head bh // GROUP =
+# b*n_kv_head + g(h) in place (notes 4.4), so K and V are never repeated. A tile is BLOCK_M query
+# rows or BLOCK_N key rows, all D columns. Scores are kept in log2 units (exp2 is the fast one):
+# qk_scale = scale * log2(e), and the saved per-row log-sum-exp is LSE2 = LSE / ln 2.
+
+def _autotune(gpu_tiles, cpu_tile):
+    """Autotune over (BLOCK_M, BLOCK_N, num_warps, num_stages). The CPU interpreter gets one small
+    tile, so the short test sequences span several tiles. tune_key is the next power of two of the
+    sequence length: a new length re-tunes only when it falls in a new bucket."""
+    if not HAS_TRITON:
+        return lambda fn: fn
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+               for m, n, w, s in ([cpu_tile] if INTERPRET else gpu_tiles)]
+    return triton.autotune(configs, key=["tune_key", "HEAD_DIM", "CAUSAL"])
+
+
+@triton.jit
+def _dot(a, b):
+    """a @ b with fp32 accumulation. input_precision="ieee": fp32 inputs multiply in fp32, not TF32
+    (fp16 / bf16 inputs use the tensor cores either way)."""
+    return tl.dot(a, b, input_precision="ieee")
+
+
+@triton.jit
+def _load_rows(ptr, rows, n_rows, HEAD_DIM: tl.constexpr):
+    """Rows `rows` of a contiguous (n_rows, HEAD_DIM) matrix, zeros past its end: (len(rows), HEAD_DIM)."""
+    d = tl.arange(0, HEAD_DIM)
+    return tl.load(ptr + rows[:, None] * HEAD_DIM + d[None, :], mask=rows[:, None] < n_rows, other=0.0)
+
+
+@triton.jit
+def _store_rows(ptr, x, rows, n_rows, HEAD_DIM: tl.constexpr):
+    d = tl.arange(0, HEAD_DIM)
+    tl.store(ptr + rows[:, None] * HEAD_DIM + d[None, :], x.to(ptr.dtype.element_ty), mask=rows[:, None] < n_rows)
+
+
+@triton.jit
+def _allowed(rows, cols, Tk, off, CAUSAL: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) bool: the key exists and, if causal, key j <= the query's position i + off."""
+    ok = cols[None, :] < Tk
+    if CAUSAL:
+        ok = ok & (cols[None, :] <= rows[:, None] + off)
+    return ok
+
+
+@triton.jit
+def _key_range(m0, Tk, off, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """For the query rows m0..m0+BLOCK_M: every row sees keys [0, n_full) (no mask needed), keys
+    [n_full, n_end) need the causal / tail mask, and no row sees a key >= n_end."""
+    if CAUSAL:
+        n_full = (m0 + off + 1) // BLOCK_N * BLOCK_N  # row m0 sees keys 0..m0+off
+        n_end = tl.minimum(m0 + BLOCK_M + off, Tk)    # the last row sees keys up to m0+BLOCK_M-1+off
+    else:
+        n_full = Tk // BLOCK_N * BLOCK_N
+        n_end = Tk
+    return n_full, n_end
+
+
+@triton.jit
+def _fwd_block(acc, m_i, l_i, q, K, V, rows, n0, Tk, off, qk_scale, MASKED: tl.constexpr,
+               CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Online softmax: fold keys n0..n0+BLOCK_N into the running max m, running sum l and unnormalised
+    output acc. With m_new = max(m, rowmax S), what was summed under the old max is rescaled by
+    exp(m - m_new), so in the end acc / l = softmax(S) V, the stable softmax of notes 4.1 eq. 7."""
+    cols = n0 + tl.arange(0, BLOCK_N)
+    k = _load_rows(K, cols, Tk, HEAD_DIM)                               # (BLOCK_N, D)
+    v = _load_rows(V, cols, Tk, HEAD_DIM)                               # (BLOCK_N, D)
+    s = _dot(q, tl.trans(k)) * qk_scale                                 # (BLOCK_M, BLOCK_N) S, log2 units
+    if MASKED:
+        s = tl.where(_allowed(rows, cols, Tk, off, CAUSAL), s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))                               # (BLOCK_M,)
+    alpha = tl.math.exp2(m_i - m_new)                                   # exp(m_old - m_new)
+    p = tl.math.exp2(s - m_new[:, None])                                # (BLOCK_M, BLOCK_N)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v)                 # (BLOCK_M, D)
+    return acc, m_new, l_i
+
+
+@_autotune([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 4), (128, 32, 4, 4)], (16, 32, 1, 1))
+@triton.jit
+def _fwd_kernel(Q, K, V, O, LSE2, Tq, Tk, GROUP, qk_scale, tune_key, CAUSAL: tl.constexpr,
+                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Program (i, bh): O and LSE2 for query rows i*BLOCK_M.. of query head bh."""
+    m0 = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1).to(tl.int64)
+    off = Tk - Tq                                   # query row i sits at absolute position i + off
+    K += bh // GROUP * Tk * HEAD_DIM                # the group's key/value head, read in place
+    V += bh // GROUP * Tk * HEAD_DIM
+    rows = m0 + tl.arange(0, BLOCK_M)
+    q = _load_rows(Q + bh * Tq * HEAD_DIM, rows, Tq, HEAD_DIM)          # (BLOCK_M, D)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)                 # running max of S
+    l_i = tl.zeros([BLOCK_M], tl.float32)                               # running sum of exp(S - m)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)                     # running sum of exp(S - m) V
+    n_full, n_end = _key_range(m0, Tk, off, CAUSAL, BLOCK_M, BLOCK_N)
+    for n0 in range(0, n_full, BLOCK_N):
+        acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, K, V, rows, n0, Tk, off, qk_scale,
+                                   False, CAUSAL, BLOCK_N, HEAD_DIM)
+    for n0 in range(n_full, n_end, BLOCK_N):       # the diagonal and the tail, masked
+        acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, K, V, rows, n0, Tk, off, qk_scale,
+                                   True, CAUSAL, BLOCK_N, HEAD_DIM)
+    _store_rows(O + bh * Tq * HEAD_DIM, acc / l_i[:, None], rows, Tq, HEAD_DIM)
+    tl.store(LSE2 + bh * Tq + rows, m_i + tl.math.log2(l_i), mask=rows < Tq)  # log2 sum_j 2^S_ij
+
+
+@triton.jit
+def _delta_kernel(O, DO, Delta, Tq, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Backward preprocessing: delta_i = rowsum(dO * O)_i (= sum_j P_ij dP_ij), used in dS below."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    bh = tl.program_id(1).to(tl.int64)
+    o = _load_rows(O + bh * Tq * HEAD_DIM, rows, Tq, HEAD_DIM).to(tl.float32)
+    do = _load_rows(DO + bh * Tq * HEAD_DIM, rows, Tq, HEAD_DIM).to(tl.float32)
+    tl.store(Delta + bh * Tq + rows, tl.sum(o * do, 1), mask=rows < Tq)
+
+
+@triton.jit
+def _dq_block(dq, q, do, lse2, delta, K, V, rows, n0, Tk, off, qk_scale, MASKED: tl.constexpr,
+              CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """dQ += dS K over keys n0..n0+BLOCK_N, with P recomputed from the saved log-sum-exp."""
+    cols = n0 + tl.arange(0, BLOCK_N)
+    k = _load_rows(K, cols, Tk, HEAD_DIM)                               # (BLOCK_N, D)
+    v = _load_rows(V, cols, Tk, HEAD_DIM)                               # (BLOCK_N, D)
+    p = tl.math.exp2(_dot(q, tl.trans(k)) * qk_scale - lse2[:, None])   # (BLOCK_M, BLOCK_N) P = exp(S - LSE)
+    if MASKED:
+        p = tl.where(_allowed(rows, cols, Tk, off, CAUSAL), p, 0.0)
+    dp = _dot(do, tl.trans(v))                                          # dP = dO V^T
+    ds = p * (dp - delta[:, None])                                      # dS = P * (dP - delta)
+    return dq + _dot(ds.to(k.dtype), k)                                 # (BLOCK_M, D)
+
+
+@_autotune([(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)], (16, 32, 1, 1))
+@triton.jit
+def _dq_kernel(Q, K, V, DO, DQ, LSE2, Delta, Tq, Tk, GROUP, qk_scale, scale, tune_key, CAUSAL: tl.constexpr,
+               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Program (i, bh): dQ = scale * dS K for query rows i*BLOCK_M.., over the keys the forward visited."""
+    m0 = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1).to(tl.int64)
+    off = Tk - Tq
+    K += bh // GROUP * Tk * HEAD_DIM
+    V += bh // GROUP * Tk * HEAD_DIM
+    rows = m0 + tl.arange(0, BLOCK_M)
+    q = _load_rows(Q + bh * Tq * HEAD_DIM, rows, Tq, HEAD_DIM)          # (BLOCK_M, D)
+    do = _load_rows(DO + bh * Tq * HEAD_DIM, rows, Tq, HEAD_DIM)        # (BLOCK_M, D)
+    lse2 = tl.load(LSE2 + bh * Tq + rows, mask=rows < Tq, other=0.0)    # (BLOCK_M,)
+    delta = tl.load(Delta + bh * Tq + rows, mask=rows < Tq, other=0.0)  # (BLOCK_M,)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    n_full, n_end = _key_range(m0, Tk, off, CAUSAL, BLOCK_M, BLOCK_N)
+    for n0 in range(0, n_full, BLOCK_N):
+        dq = _dq_block(dq, q, do, lse2, delta, K, V, rows, n0, Tk, off, qk_scale, False, CAUSAL, BLOCK_N, HEAD_DIM)
+    for n0 in range(n_full, n_end, BLOCK_N):
+        dq = _dq_block(dq, q, do, lse2, delta, K, V, rows, n0, Tk, off, qk_scale, True, CAUSAL, BLOCK_N, HEAD_DIM)
+    _store_rows(DQ + bh * Tq * HEAD_DIM, dq * scale, rows, Tq, HEAD_DIM)
+
+
+@triton.jit
+def _dkdv_block(dk, dv, k, v, Q, DO, LSE2, Delta, cols, m0, Tq, Tk, off, qk_scale, MASKED: tl.constexpr,
+                CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """dV += P^T dO and dK += dS^T Q over query rows m0..m0+BLOCK_M of one query head. Rows past Tq
+    load as zeros and add nothing; keys past Tk only reach their own rows of dK, dV (not stored)."""
+    rows = m0 + tl.arange(0, BLOCK_M)
+    q = _load_rows(Q, rows, Tq, HEAD_DIM)                               # (BLOCK_M, D)
+    do = _load_rows(DO, rows, Tq, HEAD_DIM)                             # (BLOCK_M, D)
+    lse2 = tl.load(LSE2 + rows, mask=rows < Tq, other=0.0)              # (BLOCK_M,)
+    delta = tl.load(Delta + rows, mask=rows < Tq, other=0.0)            # (BLOCK_M,)
+    p = tl.math.exp2(_dot(q, tl.trans(k)) * qk_scale - lse2[:, None])   # (BLOCK_M, BLOCK_N) P = exp(S - LSE)
+    if MASKED:
+        p = tl.where(_allowed(rows, cols, Tk, off, CAUSAL), p, 0.0)
+    dv += _dot(tl.trans(p).to(do.dtype), do)                            # dV = P^T dO   (BLOCK_N, D)
+    dp = _dot(do, tl.trans(v))                                          # dP = dO V^T
+    ds = p * (dp - delta[:, None])                                      # dS = P * (dP - delta)
+    dk += _dot(tl.trans(ds).to(q.dtype), q)                             # dK = dS^T Q   (BLOCK_N, D)
+    return dk, dv
+
+
+@_autotune([(32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 4)], (32, 16, 1, 1))
+@triton.jit
+def _dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, Delta, Tq, Tk, GROUP, qk_scale, scale, tune_key,
+                 CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Program (j, bhk): dK = scale * dS^T Q and dV = P^T dO for keys j*BLOCK_N.. of key/value head
+    bhk, summed over the GROUP query heads that read it (GQA) and over their query tiles."""
+    n0 = tl.program_id(0) * BLOCK_N
+    bhk = tl.program_id(1).to(tl.int64)
+    off = Tk - Tq
+    cols = n0 + tl.arange(0, BLOCK_N)
+    k = _load_rows(K + bhk * Tk * HEAD_DIM, cols, Tk, HEAD_DIM)         # (BLOCK_N, D)
+    v = _load_rows(V + bhk * Tk * HEAD_DIM, cols, Tk, HEAD_DIM)         # (BLOCK_N, D)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    if CAUSAL:  # query rows < m_lo see none of these keys, rows >= m_full see all of them
+        m_lo = tl.maximum(n0 - off, 0) // BLOCK_M * BLOCK_M
+        m_full = tl.minimum(tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 - off, 0), BLOCK_M) * BLOCK_M, Tq)
+    else:
+        m_lo = 0
+        m_full = 0
+    for g in range(GROUP):
+        bh = bhk * GROUP + g                        # the query heads b*H + h with g(h) = this head
+        Qh, DOh, LSE2h, Deltah = Q + bh * Tq * HEAD_DIM, DO + bh * Tq * HEAD_DIM, LSE2 + bh * Tq, Delta + bh * Tq
+        for m0 in range(m_lo, m_full, BLOCK_M):     # the diagonal, masked
+            dk, dv = _dkdv_block(dk, dv, k, v, Qh, DOh, LSE2h, Deltah, cols, m0, Tq, Tk, off, qk_scale,
+                                 True, CAUSAL, BLOCK_M, HEAD_DIM)
+        for m0 in range(m_full, Tq, BLOCK_M):
+            dk, dv = _dkdv_block(dk, dv, k, v, Qh, DOh, LSE2h, Deltah, cols, m0, Tq, Tk, off, qk_scale,
+                                 False, CAUSAL, BLOCK_M, HEAD_DIM)
+    _store_rows(DK + bhk * Tk * HEAD_DIM, dk * scale, cols, Tk, HEAD_DIM)
+    _store_rows(DV + bhk * Tk * HEAD_DIM, dv, cols, Tk, HEAD_DIM)
+
+
+def _shape_args(q, k, causal):
+    Tq, Tk = q.shape[2], k.shape[2]
+    return dict(Tq=Tq, Tk=Tk, GROUP=q.shape[1] // k.shape[1], tune_key=triton.next_power_of_2(max(Tq, Tk)),
+                CAUSAL=causal, HEAD_DIM=q.shape[3])
+
+
+class FlashAttention(torch.autograd.Function):
+    """FlashAttention-2: the forward saves O and the per-row log-sum-exp; the backward recomputes
+    P = exp(S - LSE) tile by tile, so no Tq x Tk matrix is ever stored."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal, scale):
+        # contiguous (B, heads, T, D): copying a transposed view costs O(T D), beside O(T^2 D) attention
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        B, H, Tq, D = q.shape
+        o = torch.empty_like(q)
+        lse2 = torch.empty(B, H, Tq, device=q.device, dtype=torch.float32)
+        _fwd_kernel[lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), B * H)](
+            q, k, v, o, lse2, qk_scale=scale * LOG2E, **_shape_args(q, k, causal))
+        ctx.save_for_backward(q, k, v, o, lse2)
+        ctx.causal, ctx.scale = causal, scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse2 = ctx.saved_tensors
+        do = do.contiguous()
+        B, H, Tq, D = q.shape
+        Hkv, Tk = k.shape[1], k.shape[2]
+        delta = torch.empty_like(lse2)
+        _delta_kernel[(triton.cdiv(Tq, 64), B * H)](o, do, delta, Tq, HEAD_DIM=D, BLOCK_M=64)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        args = dict(qk_scale=ctx.scale * LOG2E, scale=ctx.scale, **_shape_args(q, k, ctx.causal))
+        _dq_kernel[lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), B * H)](q, k, v, do, dq, lse2, delta, **args)
+        _dkdv_kernel[lambda meta: (triton.cdiv(Tk, meta["BLOCK_N"]), B * Hkv)](
+            q, k, v, do, dk, dv, lse2, delta, **args)
+        return dq, dk, dv, None, None
+
+
+@torch.compiler.disable  # torch.compile (on by default on CUDA) calls the kernel as it is, untraced
+def flash_attention(q, k, v, causal=True, scale=None):
+    """The Triton kernel with autograd; shapes and the causal convention as in attention()."""
+    return FlashAttention.apply(q, k, v, causal, 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
+
+
+# ----------------------------------------------------------------------------------------------
+# Dispatch
+
+def flash_unsupported(q, k, v, causal=True, mask=None, dropout_p=0.0):
+    """Why the Triton kernel cannot compute this call ("" when it can)."""
+    if mask is not None:
+        return "an explicit mask"
+    if dropout_p > 0:
+        return "dropout"
+    if q.shape[-1] not in FLASH_HEAD_DIMS:
+        return f"head_dim {q.shape[-1]} (supported: {FLASH_HEAD_DIMS})"
+    if q.dtype not in FLASH_DTYPES or not q.dtype == k.dtype == v.dtype:
+        return f"dtypes {q.dtype}, {k.dtype}, {v.dtype}"
+    if causal and q.shape[2] > k.shape[2]:
+        return "causal with more queries than keys (rows that see no key)"
+    return ""
+
+
+def select_path(q, k, v, causal=True, mask=None, dropout_p=0.0):
+    """(path, reason) for this call under ATTN_IMPL."""
+    impl = os.environ.get("ATTN_IMPL", "auto")
+    if impl not in IMPLS:
+        raise ValueError(f"ATTN_IMPL={impl!r} is not one of {IMPLS}")
+    if impl in ("sdpa", "reference"):
+        return impl, "ATTN_IMPL"
+    why_not = flash_unsupported(q, k, v, causal, mask, dropout_p)
+    if impl == "triton":
+        if why_not:
+            return "sdpa", f"ATTN_IMPL=triton, but the kernel does not take {why_not}"
+        if not HAS_TRITON or not (q.is_cuda or INTERPRET):
+            raise RuntimeError("ATTN_IMPL=triton needs triton and a CUDA tensor, or TRITON_INTERPRET=1 on CPU")
+        return "triton", "ATTN_IMPL"
+    if not why_not and not (HAS_TRITON and q.is_cuda):
+        why_not = "no CUDA tensor" if HAS_TRITON else "triton is not installed"
+    # One-query decoding is bound by reading the KV cache, not by arithmetic: a BLOCK_M-row query
+    # tile would use 1 row, and B*H programs each walking the whole cache leave most of the GPU idle.
+    # What pays there is splitting the keys across programs (flash-decoding) and packing a group's
+    # query heads into one tile (FlashAttention-2 does this for Tq == 1); this kernel does neither,
+    # so decoding goes to SDPA. On a GPU, `python kernels.py` times both (bench_decode).
+    if not why_not and q.shape[2] == 1:
+        why_not = "one-query decode step"
+    return ("sdpa", why_not) if why_not else ("triton", "auto")
+
+
+def _announce(name, reason):
     if name not in _announced:
         _announced.add(name)
-        print(f"[kernels] attention path: {name}")
+        print(f"[kernels] attention path: {name} ({reason})")
 
 
 def attention(q, k, v, causal=True, mask=None, scale=None, dropout_p=0.0):
     """The attention gpt.py calls. See the module docstring for shapes and the causal convention."""
-    impl = os.environ.get("ATTN_IMPL", "auto")
-    if impl not in IMPLS:
-        raise ValueError(f"ATTN_IMPL={impl!r} is not one of {IMPLS}")
-    if impl == "reference":
-        _announce("reference")
+    path, reason = select_path(q, k, v, causal, mask, dropout_p)
+    _announce(path, reason)
+    if path == "reference":
         return reference_attention(q, k, v, causal, mask, scale)
-    _announce("sdpa")
+    if path == "triton":
+        return flash_attention(q, k, v, causal, scale)
     return sdpa_attention(q, k, v, causal, mask, scale, dropout_p)
+
+
+# ----------------------------------------------------------------------------------------------
+# python kernels.py: the correctness check everywhere, the benchmark on a GPU
+
+@dataclass
+class KernelsConfig:
+    batch_tokens: int = field(default=16384, metadata={"help": "benchmark batch: B = batch_tokens // T"})
+    n_head: int = field(default=16, metadata={"help": "benchmark query heads"})
+    n_kv_head: int = field(default=16, metadata={"help": "benchmark key/value heads (fewer: GQA)"})
+    seq_lens: str = field(default="512,1024,2048,4096,8192", metadata={"help": "benchmark sequence lengths"})
+    head_dims: str = field(default="64,128", metadata={"help": "benchmark head dims"})
+    out_dir: str = field(default="out", metadata={"help": "where kernels_metrics.json goes"})
+
+
+def rel_err(a, b):
+    """max|a - b| / max|b|."""
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+def check(device, dtype, cases, seed=0):
+    """Relative errors of the kernel's O, dQ, dK, dV against the float64 reference, per case."""
+    rows = []
+    for B, H, Hkv, Tq, Tk, D, causal in cases:
+        g = torch.Generator(device=device).manual_seed(seed)
+        q, k, v, do = (torch.randn(B, h, T, D, device=device, generator=g).to(dtype)
+                       for h, T in ((H, Tq), (Hkv, Tk), (Hkv, Tk), (H, Tq)))
+        results = []
+        for fn, xs in ((flash_attention, (q, k, v)), (reference_attention, (q.double(), k.double(), v.double()))):
+            xs = [x.detach().requires_grad_() for x in xs]
+            o = fn(*xs, causal)
+            results.append([o, *torch.autograd.grad(o, xs, do.to(o.dtype))])
+        rows.append((f"B={B} H={H} Hkv={Hkv} Tq={Tq} Tk={Tk} D={D} {'causal' if causal else 'full'}",
+                     [rel_err(a, b) for a, b in zip(*results)]))
+    return rows
+
+
+def bench(cfg, device):
+    """Causal bf16 attention: forward and forward+backward TFLOP/s and peak memory per implementation."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def sdpa_flash(q, k, v):
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+
+    def naive(q, k, v):  # the whole (B, H, T, T) score matrix, K and V repeated per query head
+        k, v = (x.repeat_interleave(q.shape[1] // k.shape[1], 1) for x in (k, v))
+        s = (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).masked_fill(
+            ~causal_mask(q.shape[2], k.shape[2], q.device), float("-inf"))
+        return torch.softmax(s.float(), dim=-1).to(q.dtype) @ v
+
+    rows = []
+    for D in map(int, cfg.head_dims.split(",")):
+        for T in map(int, cfg.seq_lens.split(",")):
+            B = max(1, cfg.batch_tokens // T)
+            q, k, v = (torch.randn(B, h, T, D, device=device, dtype=torch.bfloat16, requires_grad=True)
+                       for h in (cfg.n_head, cfg.n_kv_head, cfg.n_kv_head))
+            do = torch.randn_like(q)
+            flops = 4 * B * cfg.n_head * T * T * D / 2  # QK^T and PV, 2 flops per multiply-add, half masked
+            sdpa_fwd = sdpa_both = float("nan")
+            for name, fn in (("sdpa_flash", sdpa_flash), ("triton", flash_attention), ("naive", naive)):
+                fwd_bwd = lambda: torch.autograd.grad(fn(q, k, v), (q, k, v), do)  # noqa: E731
+                try:
+                    fwd_bwd()  # compile and autotune outside the measurements
+                    torch.cuda.reset_peak_memory_stats()
+                    base = torch.cuda.memory_allocated()
+                    fwd_bwd()
+                    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+                    fwd = flops / triton.testing.do_bench(lambda: fn(q, k, v)) / 1e9       # TFLOP/s
+                    both = 3.5 * flops / triton.testing.do_bench(fwd_bwd) / 1e9           # backward = 2.5 forward
+                except torch.OutOfMemoryError:
+                    torch.cuda.empty_cache()
+                    rows.append(dict(D=D, T=T, B=B, impl=name, oom=True))
+                    continue
+                if name == "sdpa_flash":
+                    sdpa_fwd, sdpa_both = fwd, both
+                rows.append(dict(D=D, T=T, B=B, impl=name, fwd_tflops=fwd, fwd_bwd_tflops=both, peak_mib=peak,
+                                 fwd_vs_sdpa=fwd / sdpa_fwd, fwd_bwd_vs_sdpa=both / sdpa_both))
+    return rows
+
+
+def bench_decode(cfg, device, D=128, contexts=(1024, 4096, 16384)):
+    """One query per sequence against a KV cache, bf16 forward: microseconds of the Triton kernel and of
+    SDPA, the measurement behind select_path sending this case to SDPA."""
+    rows = []
+    for Tk in contexts:
+        B = max(1, cfg.batch_tokens // Tk)
+        q = torch.randn(B, cfg.n_head, 1, D, device=device, dtype=torch.bfloat16)
+        k, v = (torch.randn(B, cfg.n_kv_head, Tk, D, device=device, dtype=torch.bfloat16) for _ in range(2))
+        rows.append(dict(Tk=Tk, B=B, triton_us=1e3 * triton.testing.do_bench(lambda: flash_attention(q, k, v)),
+                         sdpa_us=1e3 * triton.testing.do_bench(lambda: sdpa_attention(q, k, v))))
+    return rows
+
+
+def main(argv=None):
+    from gpt import parse_args, print_table, write_metrics
+    (cfg,) = parse_args([KernelsConfig()], argv, description="Triton flash attention: check and benchmark")
+    if not HAS_TRITON:
+        raise SystemExit("triton is not installed: there is no kernel to check (pip install triton)")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    name = torch.cuda.get_device_name() if device == "cuda" else "CPU, Triton interpreter"
+    metrics = {"device": name, "all_ok": True}
+    cases = [(1, 4, 2, 130, 130, 64, True), (2, 4, 1, 17, 17, 16, False), (1, 4, 4, 33, 33, 32, True),
+             (1, 4, 2, 9, 40, 16, True), (2, 4, 2, 1, 50, 64, True)]  # the last two: prefill and decode
+    for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2))[:2 if device == "cuda" else 1]:
+        rows = check(device, dtype, cases)
+        print_table(f"max relative error vs the float64 reference, {dtype}, {name}",
+                    [(case, "  ".join(f"{n} {e:.1e}" for n, e in zip(("O", "dQ", "dK", "dV"), errs)))
+                     for case, errs in rows])
+        metrics[f"max_rel_err_{str(dtype).removeprefix('torch.')}"] = worst = max(max(e) for _, e in rows)
+        metrics["all_ok"] &= worst < tol
+    if device == "cpu":
+        print("\nno CUDA GPU: the kernels ran in Triton's CPU interpreter; timings need a GPU")
+    else:
+        metrics["bench"], metrics["decode"] = bench(cfg, device), bench_decode(cfg, device)
+        print(f"\ncausal bf16 attention, n_head={cfg.n_head} n_kv_head={cfg.n_kv_head}, B*T={cfg.batch_tokens}, {name}")
+        print(f"{'D':>4} {'T':>6} {'impl':>10} {'fwd TFLOP/s':>12} {'fwd+bwd TFLOP/s':>16} {'peak MiB':>9} "
+              f"{'fwd/sdpa':>9} {'f+b/sdpa':>9}")
+        for r in metrics["bench"]:
+            print(f"{r['D']:>4} {r['T']:>6} {r['impl']:>10} " + ("   out of memory" if r.get("oom") else
+                  f"{r['fwd_tflops']:>12.1f} {r['fwd_bwd_tflops']:>16.1f} {r['peak_mib']:>9.0f} "
+                  f"{r['fwd_vs_sdpa']:>9.2f} {r['fwd_bwd_vs_sdpa']:>9.2f}"))
+        print(f"\none-query decode, bf16, D=128\n{'Tk':>6} {'B':>4} {'triton us':>10} {'sdpa us':>8}")
+        for r in metrics["decode"]:
+            print(f"{r['Tk']:>6} {r['B']:>4} {r['triton_us']:>10.1f} {r['sdpa_us']:>8.1f}")
+    write_metrics("kernels", metrics, cfg.out_dir)
+
+
+if __name__ == "__main__":
+    from gpt import run_main
+    run_main(main)

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import gpt
+import kernels
 from gpt import (BOS, EOS, PAD, GPT, GPTConfig, TrainConfig, UserError, decode, encode, generate,
                  left_pad, lm_loss, sequence_logprobs)
 
@@ -394,3 +395,129 @@ def test_ddp_two_processes_on_cpu(tmp_path):
     metrics = json.loads((tmp_path / "out" / "gpt_metrics.json").read_text())
     assert metrics["steps"] == 4 and math.isfinite(metrics["val_loss"])
     assert r.stdout.count('"stage": "gpt"') == 1  # only rank 0 reports
+
+
+# ---------------------------------------------------------------------------------------------
+# kernels.py: the Triton kernels run in Triton's CPU interpreter, in float32, against the float64
+# reference on fresh random inputs.
+
+needs_triton = pytest.mark.skipif(not kernels.HAS_TRITON, reason="triton is not installed (pip install triton): "
+                                  "the kernels cannot run, not even in the interpreter")
+
+
+def rel_err(a, b):
+    """max|a - b| / max|b|, the denominator floored at 0.01: for T = 1 the reference dQ and dK are
+    exactly zero and the kernel's are float32 rounding noise (dP - delta ~ 1e-7)."""
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-2)).item()
+
+
+def qkv(B, H, Hkv, Tq, Tk, D, seed, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, h, T, D, generator=g, dtype=dtype).requires_grad_()
+            for h, T in ((H, Tq), (Hkv, Tk), (Hkv, Tk))]
+
+
+def output_and_grads(fn, q, k, v, do):
+    o = fn(q, k, v)
+    return [o, *torch.autograd.grad(o, (q, k, v), do)]
+
+
+@needs_triton
+@pytest.mark.parametrize("B, H, Hkv, Tq, Tk, D, causal, scale", [
+    (1, 2, 2, 1, 1, 16, True, None),       # T = 1
+    (2, 2, 1, 1, 1, 64, False, None),
+    (2, 4, 2, 17, 17, 16, True, None),     # group 2, one partial tile
+    (1, 4, 1, 17, 17, 64, False, 0.3),     # MQA (group 4), non-causal, a softmax scale
+    (1, 2, 2, 130, 130, 16, True, None),   # MHA (group 1), several tiles and masked tails
+    (1, 4, 1, 130, 130, 64, False, None),
+    (1, 4, 2, 130, 130, 32, True, 0.05),
+    (1, 4, 2, 9, 40, 16, True, None),      # prefill into a KV cache: causal mask aligned bottom-right
+    (2, 4, 1, 1, 33, 64, True, None),      # decode: one query against the cache
+    (1, 2, 1, 24, 56, 32, False, None),    # Tq != Tk without a mask
+])
+def test_flash_matches_reference(B, H, Hkv, Tq, Tk, D, causal, scale):
+    q, k, v = qkv(B, H, Hkv, Tq, Tk, D, seed=Tq * 1000 + Tk + D)
+    do = torch.randn(B, H, Tq, D, generator=torch.Generator().manual_seed(1))
+    ours = output_and_grads(lambda q, k, v: kernels.flash_attention(q, k, v, causal, scale), q, k, v, do)
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    ref = output_and_grads(lambda q, k, v: kernels.reference_attention(q, k, v, causal, scale=scale),
+                           q64, k64, v64, do.double())
+    for name, a, b in zip(("O", "dQ", "dK", "dV"), ours, ref):
+        assert a.shape == b.shape and a.dtype == torch.float32
+        assert rel_err(a, b) < 1e-4, f"{name}: relative error {rel_err(a, b):.2e}"
+
+
+@needs_triton
+def test_flash_gqa_reads_shared_heads_without_copies():
+    """GQA equals MHA on explicitly repeated K/V, with dK/dV summed over the group, and what the
+    kernel keeps for backward holds only the n_kv_head heads (no repeated copy)."""
+    B, H, Hkv, T, D = 2, 4, 1, 40, 16
+    q, k, v = qkv(B, H, Hkv, T, T, D, seed=3)
+    do = torch.randn(B, H, T, D, generator=torch.Generator().manual_seed(4))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        gqa = output_and_grads(kernels.flash_attention, q, k, v, do)
+    assert sorted(saved) == sorted([(B, H, T, D), (B, Hkv, T, D), (B, Hkv, T, D), (B, H, T, D), (B, H, T)])
+    assert gqa[2].shape == gqa[3].shape == (B, Hkv, T, D)
+    repeated = lambda q, k, v: kernels.flash_attention(q, k.repeat_interleave(H // Hkv, 1),  # noqa: E731
+                                                       v.repeat_interleave(H // Hkv, 1))
+    mha = output_and_grads(repeated, q, k, v, do)
+    for a, b in zip(gqa, mha):
+        assert rel_err(a, b) < 1e-5
+
+
+@needs_triton
+def test_dispatch_routes_and_forced_paths(monkeypatch):
+    q, k, v = qkv(1, 4, 2, 8, 8, 16, seed=5)
+    mask = torch.ones(8, 8, dtype=torch.bool)
+    for impl in ("auto", "triton"):  # what the kernel does not compute goes to SDPA
+        monkeypatch.setenv("ATTN_IMPL", impl)
+        assert kernels.select_path(q, k, v, mask=mask)[0] == "sdpa"
+        assert kernels.select_path(q, k, v, dropout_p=0.1)[0] == "sdpa"
+        assert kernels.select_path(*qkv(1, 4, 2, 8, 8, 8, seed=5))[0] == "sdpa"  # head_dim 8
+    monkeypatch.setenv("ATTN_IMPL", "auto")
+    assert kernels.select_path(q, k, v)[0] == "sdpa"  # auto: the kernel only on CUDA tensors
+    calls = []
+
+    def spy(name):
+        fn = getattr(kernels, name)
+        return lambda *args, **kwargs: calls.append(name) or fn(*args, **kwargs)
+
+    for name in ("flash_attention", "sdpa_attention", "reference_attention"):
+        monkeypatch.setattr(kernels, name, spy(name))
+    expected = kernels.reference_attention(q, k, v)
+    for impl, name in (("triton", "flash_attention"), ("sdpa", "sdpa_attention"),
+                       ("reference", "reference_attention")):
+        monkeypatch.setenv("ATTN_IMPL", impl)
+        calls.clear()
+        out = kernels.attention(q, k, v)
+        assert calls == [name]
+        assert rel_err(out, expected) < 1e-4
+    monkeypatch.setenv("ATTN_IMPL", "triton")
+    calls.clear()
+    kernels.attention(q, k, v, mask=mask)
+    assert calls == ["sdpa_attention"]
+    monkeypatch.setenv("ATTN_IMPL", "flash")
+    with pytest.raises(ValueError):
+        kernels.attention(q, k, v)
+
+
+@needs_triton
+def test_gpt_trains_the_same_with_triton_and_sdpa(monkeypatch):
+    cfg = GPTConfig(block_size=32, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)  # head_dim 16
+    idx = torch.randint(0, 256, (2, 33), generator=torch.Generator().manual_seed(6))
+    losses = {}
+    for impl in ("sdpa", "triton"):
+        monkeypatch.setenv("ATTN_IMPL", impl)
+        torch.manual_seed(0)
+        model = GPT(cfg)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        losses[impl] = []
+        for _ in range(4):
+            loss = lm_loss(model(idx[:, :-1]), idx[:, 1:])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses[impl].append(loss.item())
+    assert losses["triton"][-1] < losses["triton"][0]
+    assert max(abs(a - b) for a, b in zip(losses["sdpa"], losses["triton"])) < 1e-4, losses
