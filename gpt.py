@@ -82,12 +82,12 @@ def arg(default, help):
 
 @dataclass
 class GPTConfig:
-    block_size: int = arg(256, "context length in tokens")
+    block_size: int = arg(128, "context length in tokens")
     vocab_size: int = arg(padded_vocab_size(), "vocabulary (bytes + specials, padded to a multiple of 64)")
     n_layer: int = arg(4, "transformer blocks")
     n_head: int = arg(4, "query heads")
     n_kv_head: int = arg(2, "key/value heads: = n_head is MHA, 1 is MQA, in between GQA (notes 4.1-4.4)")
-    n_embd: int = arg(128, "model width d_model")
+    n_embd: int = arg(64, "model width d_model")
     dropout: float = arg(0.0, "dropout rate on attention weights and residual branches (notes 4.8)")
     bias: bool = arg(False, "biases in linear layers and LayerNorm")
     pos_emb: str = arg("rope", "position embedding: rope | learned")
@@ -263,15 +263,17 @@ class GPT(nn.Module):
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, 0.0, 0.02)
 
-    def num_params(self, non_embedding=False):
-        n = sum(p.numel() for p in self.parameters())
-        if non_embedding:
-            n -= self.wte.weight.numel() + (self.wpe.weight.numel() if self.wpe is not None else 0)
-        return n
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
 
     def forward(self, idx, attn_mask=None, cache=None, last_only=False):
         """idx: (B, T) token ids. attn_mask: (B, T), 1 for real tokens and 0 for (left) padding.
         cache: a KVCache to append to (generation). Returns logits (B, T, vocab) or (B, 1, vocab)."""
+        x = self.hidden(idx, attn_mask, cache)                                       # (B, T, C)
+        return self.lm_head(x[:, -1:] if last_only else x)                           # (B, T, vocab)
+
+    def hidden(self, idx, attn_mask=None, cache=None):
+        """The final hidden states (B, T, n_embd) that the LM head (or reward.py's scalar head) reads."""
         B, T = idx.shape
         start = 0 if cache is None else cache.length
         if start + T > self.cfg.block_size:
@@ -300,10 +302,7 @@ class GPT(nn.Module):
             x = block(x, rope, mask, None if cache is None else cache.layers[i])
         if cache is not None:
             cache.length += T
-        x = self.norm_f(x)
-        if last_only:
-            x = x[:, -1:]
-        return self.lm_head(x)                                                       # (B, T, vocab)
+        return self.norm_f(x)
 
 
 def padding_mask(key_valid, Tq):
@@ -576,13 +575,22 @@ def load_model(path, device="cpu"):
     return model.to(device), ckpt
 
 
+def load_stage(path, train_stage, device="cpu"):
+    """The model of an earlier stage from its checkpoint; when the checkpoint is missing, first run
+    that stage's own training with its defaults (so any script works on a fresh clone)."""
+    if not os.path.exists(path):
+        print(f"{path} not found: training that stage first, with its defaults")
+        train_stage()
+    return load_model(path, device)
+
+
 # ----------------------------------------------------------------------------------------------
 # 6. The training loop, shared by every stage
 
 @dataclass
 class TrainConfig:
-    max_steps: int = arg(1000, "optimizer steps")
-    batch_size: int = arg(32, "sequences per micro-batch (per process)")
+    max_steps: int = arg(2000, "optimizer steps")
+    batch_size: int = arg(16, "sequences per micro-batch (per process)")
     grad_accum: int = arg(1, "micro-batches per optimizer step")
     lr: float = arg(3e-3, "peak learning rate")
     min_lr: float = arg(3e-4, "learning rate at the end of the cosine decay")
@@ -591,7 +599,7 @@ class TrainConfig:
     beta1: float = arg(0.9, "AdamW beta1")
     beta2: float = arg(0.95, "AdamW beta2")
     grad_clip: float = arg(1.0, "clip the gradient norm to this (0 = off)")
-    eval_interval: int = arg(250, "validate and checkpoint every this many steps")
+    eval_interval: int = arg(500, "validate and checkpoint every this many steps")
     eval_batches: int = arg(8, "batches per validation")
     dtype: str = arg("auto", "auto | float32 | bfloat16 | float16 (auto: bf16 on GPU, fp32 on CPU)")
     device: str = arg("auto", "auto | cpu | cuda")
@@ -671,9 +679,10 @@ def device_peak_flops(device):
 
 
 def flops_per_token(model, T):
-    """6 N for the matrices (forward + backward) plus 12 n_layer n_embd T for attention's scores and mix."""
+    """6 N (forward + backward through every weight; the tied embedding is the output head's matmul)
+    plus 12 n_layer n_embd T for attention's scores and mixing (PaLM's estimate)."""
     cfg = model.cfg
-    return 6 * model.num_params(non_embedding=True) + 12 * cfg.n_layer * cfg.n_embd * T
+    return 6 * sum(p.numel() for p in model.parameters()) + 12 * cfg.n_layer * cfg.n_embd * T
 
 
 def train(model, cfg, get_batch, loss_fn, evaluate=None, ckpt_path=None, ckpt_extra=None, desc="train"):
@@ -708,7 +717,7 @@ def train(model, cfg, get_batch, loss_fn, evaluate=None, ckpt_path=None, ckpt_ex
         if dist.master:
             print(f"resuming {ckpt_path} at step {start}")
     if dist.master:
-        print(f"{desc}: {model.num_params():,} parameters, device {device}, compute dtype "
+        print(f"{desc}: {sum(p.numel() for p in model.parameters()):,} parameters, device {device}, compute dtype "
               f"{str(compute_dtype).replace('torch.', '')}, {dist.world} process(es)")
     net = model
     if dist.world > 1:

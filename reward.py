@@ -1,0 +1,280 @@
+"""
+reward.py: preference data from a simulated labeller, and a reward model trained on it (notes 10.5,
+"Stage 2: Reward Modelling").
+
+Preference data: for training prompts, the SFT policy samples responses; a simulated labeller who
+knows the true reward r* of sft.py prefers y1 over y2 with the Bradley-Terry probability
+    P(y1 > y2) = sigmoid((r*(y1) - r*(y2)) / tau)                (homework 2; problem set 4.3(c)(i))
+and ranks K responses by Plackett-Luce sampling from the same model. No model can agree with such
+noisy labels more often than the noise ceiling, mean over pairs of max(P, 1 - P), printed beside
+the reward model's accuracy. dpo.py reuses this data code.
+
+Reward model: the SFT transformer with its LM head replaced by a scalar head W_r p + b_r on a pooled
+hidden state p (last non-pad token, mean over the response, or the <eos> token), trained with the
+Bradley-Terry, hinge, MSE or listwise loss. Saves out/reward.pt.
+"""
+import dataclasses
+import math
+import os
+import random
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import gpt
+import sft
+from gpt import EOS, UserError, arg
+
+# ----------------------------------------------------------------------------------------------
+# 1. Preference data
+
+
+@dataclass
+class PrefConfig:
+    n_pairs: int = arg(4000, "training comparisons (pairs, or K-way rankings for --loss listwise)")
+    n_eval: int = arg(400, "held-out comparisons, on held-out prompts")
+    tau: float = arg(0.1, "labeller temperature: P(y1 > y2) = sigmoid((r*(y1) - r*(y2)) / tau)")
+    k: int = arg(4, "candidates per ranking for --loss listwise")
+    sample_temperature: float = arg(1.0, "temperature of the SFT policy's samples")
+
+    def __post_init__(self):
+        if self.tau <= 0:
+            raise UserError(f"tau must be > 0, got {self.tau}")
+        if self.k < 2:
+            raise UserError(f"k must be >= 2, got {self.k}")
+        if self.n_pairs < 1 or self.n_eval < 1:
+            raise UserError("n_pairs and n_eval must be >= 1")
+
+
+def bt_prob(r1, r2, tau):
+    """The labeller's Bradley-Terry probability that a response of true reward r1 beats one of r2."""
+    return 1.0 / (1.0 + math.exp(-(r1 - r2) / tau))
+
+
+def plackett_luce_ranking(rewards, tau, rng):
+    """Indices from best to worst: repeatedly pick among the remaining with probability
+    softmax(r* / tau) (Plackett-Luce; with two candidates this is Bradley-Terry)."""
+    left, order = list(range(len(rewards))), []
+    while left:
+        m = max(rewards[i] for i in left)
+        weights = [math.exp((rewards[i] - m) / tau) for i in left]
+        pick = rng.choices(left, weights)[0]
+        order.append(pick)
+        left.remove(pick)
+    return order
+
+
+@torch.no_grad()
+def sample_responses(policy, prompts, k, temperature, seed, batch=256):
+    """k responses (token lists, without <eos>) per prompt from the policy, batched with the KV cache."""
+    device = next(policy.parameters()).device
+    g = torch.Generator(device=device).manual_seed(seed)
+    flat = [p for p in prompts for _ in range(k)]
+    out = []
+    for i in range(0, len(flat), batch):
+        chunk = flat[i:i + batch]
+        n_new = max(len(str(a + b)) for a, b in chunk) + 2
+        gen = gpt.generate(policy, [sft.prompt_tokens(a, b) for a, b in chunk], n_new, temperature, generator=g)
+        out += [o[:o.index(EOS)] if EOS in o else o for o in gen]
+    return [out[j * k:(j + 1) * k] for j in range(len(prompts))]
+
+
+def make_comparisons(policy, task, n, k, tau, temperature, seed, heldout=False):
+    """n comparisons: (prompt, its k sampled responses ranked best first by the labeller, their true
+    rewards). k = 2 gives preference pairs (chosen, rejected). A prompt whose k samples are not all
+    different says nothing and is replaced by a fresh prompt."""
+    rng = random.Random(seed)
+    data = []
+    for _ in range(20):
+        prompts = sft.sample_prompts(task, n - len(data), rng, heldout=heldout)
+        for p, ys in zip(prompts, sample_responses(policy, prompts, k, temperature, rng.randrange(2 ** 31))):
+            if len({tuple(y) for y in ys}) == k:
+                r = [sft.true_reward(*p, gpt.decode(y)) for y in ys]
+                order = plackett_luce_ranking(r, tau, rng)
+                data.append((p, [ys[i] for i in order], [r[i] for i in order]))
+        if len(data) == n:
+            return data
+    raise UserError(f"the policy's {k} samples per prompt are too often identical to make {n} comparisons: "
+                    "raise --sample_temperature")
+
+
+def noise_ceiling(data, tau):
+    """The best pairwise accuracy any model can reach on these labels: a model that always picks the
+    response of higher r* agrees with the labeller with probability max(P, 1 - P) on each pair."""
+    return sum(max(q, 1 - q) for q in (bt_prob(r[0], r[1], tau) for _, _, r in data)) / len(data)
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. The reward model
+
+@dataclass
+class RewardConfig:
+    pooling: str = arg("last", "last (last non-pad token) | mean (over the response) | eos (the <eos> token)")
+    loss: str = arg("bt", "bt (Bradley-Terry) | hinge | mse | listwise")
+    margin: float = arg(1.0, "hinge margin m")
+    target_gap: float = arg(2.0, "MSE target gap t")
+
+    def __post_init__(self):
+        if self.pooling not in ("last", "mean", "eos"):
+            raise UserError(f"pooling={self.pooling!r} is not one of last, mean, eos")
+        if self.loss not in ("bt", "hinge", "mse", "listwise"):
+            raise UserError(f"loss={self.loss!r} is not one of bt, hinge, mse, listwise")
+
+
+class RewardModel(nn.Module):
+    """R_phi(x, y) = W_r p + b_r, p the pooled final hidden state of the transformer (notes 10.5)."""
+
+    def __init__(self, backbone: gpt.GPT, pooling="last"):
+        super().__init__()
+        self.backbone, self.pooling, self.cfg = backbone, pooling, backbone.cfg
+        backbone.lm_head = nn.Identity()  # headless (tied embeddings stay in wte)
+        self.head = nn.Linear(backbone.cfg.n_embd, 1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, ids, attn_mask, response_mask):
+        """ids, attn_mask, response_mask: (B, T); response_mask marks the response and its <eos>.
+        Padding may be on either side. Returns rewards (B,)."""
+        h = self.backbone.hidden(ids, attn_mask)                                 # (B, T, C)
+        if self.pooling == "mean":
+            w = response_mask.to(h.dtype)
+            p = (h * w[..., None]).sum(1) / w.sum(1, keepdim=True)              # (B, C)
+        else:
+            mark = attn_mask if self.pooling == "last" else (ids == EOS) & response_mask.bool()
+            last = (mark.long() * torch.arange(ids.shape[1], device=ids.device)).argmax(1)  # last marked position
+            p = h[torch.arange(ids.shape[0], device=ids.device), last]         # (B, C)
+        return self.head(p).squeeze(-1)
+
+
+def pack_for_rm(prompts, responses, side="right", device="cpu"):
+    """<bos> prompt <sep> response <eos>, padded on the given side: ids, attention mask, response mask."""
+    ids, target = sft.pack(prompts, responses)
+    attn = (ids != gpt.PAD).long()
+    if side == "left":  # move each row's padding to the front
+        n = attn.sum(1)
+        T = ids.shape[1]
+        idx = (torch.arange(T)[None, :] + n[:, None]) % T
+        ids, attn, target = ids.gather(1, idx), attn.gather(1, idx), target.gather(1, idx)
+    return ids.to(device), attn.to(device), target.to(device)
+
+
+def preference_loss(r, cfg):
+    """r: (B, K) rewards of each comparison's responses, best first. The losses of notes 10.5:
+    bt       -log sigmoid(r+ - r-)
+    hinge    max(0, m - (r+ - r-))
+    mse      (r+ - r- - t)^2
+    listwise -log softmax(r)_best over the K candidates (K = 2: Bradley-Terry)."""
+    if cfg.loss == "listwise":
+        return F.cross_entropy(r, torch.zeros(r.shape[0], dtype=torch.long, device=r.device))
+    gap = r[:, 0] - r[:, 1]
+    if cfg.loss == "bt":
+        return -F.logsigmoid(gap).mean()
+    if cfg.loss == "hinge":
+        return F.relu(cfg.margin - gap).mean()
+    return (gap - cfg.target_gap).pow(2).mean()
+
+
+def score(rm, comparisons, device, batch=256):
+    """Rewards (N, K) of every response of every comparison."""
+    out = []
+    for i in range(0, len(comparisons), batch):
+        chunk = comparisons[i:i + batch]
+        K = len(chunk[0][1])
+        prompts = [p for p, ys, _ in chunk for _ in ys]
+        ids, attn, resp = pack_for_rm(prompts, [y for _, ys, _ in chunk for y in ys], device=device)
+        out.append(rm(ids, attn, resp).view(len(chunk), K))
+    return torch.cat(out)
+
+
+def pearson(x, y):
+    x, y = x - x.mean(), y - y.mean()
+    return (x * y).sum() / (x.norm() * y.norm() + 1e-12)
+
+
+def load_reward_model(path, device="cpu"):
+    ckpt = gpt.load_checkpoint(path)
+    try:
+        rm = RewardModel(gpt.GPT(gpt.GPTConfig(**ckpt["config"])), ckpt["pooling"])
+        rm.load_state_dict(ckpt["model"])
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise UserError(f"{path} is not a reward model of this version of reward.py ({str(e).splitlines()[0]}); "
+                        "delete it and run reward.py again") from None
+    return rm.to(device).eval()
+
+
+def reward_defaults():
+    return (sft.TaskConfig(), PrefConfig(), RewardConfig(),
+            gpt.TrainConfig(max_steps=500, batch_size=32, lr=1e-3, min_lr=1e-4, warmup_steps=30,
+                            eval_interval=100, weight_decay=0.0))
+
+
+def train_reward(task, pref, rcfg, train_cfg):
+    """The whole stage: SFT policy -> comparisons -> reward model. Returns (reward model, metrics)."""
+    device = gpt.pick_device(train_cfg.device)
+    policy, _ = gpt.load_stage(os.path.join(train_cfg.out_dir, "sft.pt"),
+                               lambda: sft.train_sft(*sft.sft_defaults(train_cfg.out_dir, train_cfg.device)), device)
+    k = pref.k if rcfg.loss == "listwise" else 2
+    print(f"sampling {pref.n_pairs} training and {pref.n_eval} held-out comparisons of {k} responses from the SFT policy")
+    train_data = make_comparisons(policy, task, pref.n_pairs, k, pref.tau, pref.sample_temperature, train_cfg.seed)
+    eval_data = make_comparisons(policy, task, pref.n_eval, 2, pref.tau, pref.sample_temperature,
+                                 train_cfg.seed + 1, heldout=True)
+    ceiling = noise_ceiling(eval_data, pref.tau)
+    rm = RewardModel(policy, rcfg.pooling)
+
+    def get_batch(i):
+        rng = random.Random(train_cfg.seed * 1_000_003 + i)
+        return [train_data[rng.randrange(len(train_data))] for _ in range(train_cfg.batch_size)]
+
+    def loss_fn(net, batch):
+        r = score(net, batch, device)
+        return preference_loss(r, rcfg), {"tokens": sum(len(y) for _, ys, _ in batch for y in ys)}
+
+    true_gap = torch.tensor([r[0] - r[1] for _, _, r in eval_data])
+
+    def evaluate(m):
+        r = score(m, eval_data, device)
+        gap = (r[:, 0] - r[:, 1]).cpu()
+        strict = true_gap != 0  # the noiseless r* ordering, where r* tells the two apart
+        return {"pairwise_accuracy": (gap > 0).float().mean().item(),
+                "true_order_accuracy": ((gap > 0) == (true_gap > 0))[strict].float().mean().item(),
+                "eval_loss": preference_loss(r[:, :2], dataclasses.replace(rcfg, loss="bt")).item()}
+
+    path = os.path.join(train_cfg.out_dir, "reward.pt")
+    result = gpt.train(rm, train_cfg, get_batch, loss_fn, evaluate, path, desc="reward",
+                       ckpt_extra={"pooling": rcfg.pooling})
+    # Normalise: mean reward 0 on the SFT policy's own samples (the bias absorbs the shift; BT is
+    # invariant to it, problem set 4.3(c)(i)), then correlation with r* on fresh samples.
+    rm.eval()
+    fresh = make_comparisons(policy, task, 300, 2, pref.tau, pref.sample_temperature, train_cfg.seed + 2)
+    with torch.no_grad():
+        r = score(rm, fresh, device)
+        rm.head.bias -= r.mean()
+        r = r - r.mean()
+    truth = torch.tensor([x for _, _, rs in fresh for x in rs])
+    result.update(noise_ceiling=ceiling, reward_r_star_correlation=pearson(r.flatten().cpu(), truth).item(),
+                  loss=rcfg.loss, pooling=rcfg.pooling)
+    if int(os.environ.get("RANK", 0)) == 0:
+        gpt.save_checkpoint(path, model=rm.state_dict(), config=dataclasses.asdict(rm.cfg), pooling=rcfg.pooling,
+                            step=train_cfg.max_steps, metrics=result)
+    return rm, result
+
+
+def main(argv=None):
+    task, pref, rcfg, train_cfg = gpt.parse_args(list(reward_defaults()), argv,
+                                                 description="reward model on simulated preferences")
+    rm, m = train_reward(task, pref, rcfg, train_cfg)
+    if int(os.environ.get("RANK", 0)) != 0:
+        return
+    gpt.print_table("reward model on held-out comparisons", [
+        ("pairwise accuracy (labeller)", f"{m['pairwise_accuracy']:.1%}"),
+        ("noise ceiling", f"{m['noise_ceiling']:.1%}"),
+        ("accuracy vs noiseless r* order", f"{m['true_order_accuracy']:.1%}"),
+        ("corr(reward, r*), fresh samples", m["reward_r_star_correlation"]),
+        ("loss / pooling", f"{m['loss']} / {m['pooling']}"), ("train seconds", m["train_seconds"])])
+    gpt.write_metrics("reward", m, train_cfg.out_dir)
+
+
+if __name__ == "__main__":
+    gpt.run_main(main)
