@@ -589,7 +589,7 @@ def load_stage(path, train_stage, device="cpu"):
 
 @dataclass
 class TrainConfig:
-    max_steps: int = arg(2000, "optimizer steps")
+    max_steps: int = arg(1600, "optimizer steps")
     batch_size: int = arg(16, "sequences per micro-batch (per process)")
     grad_accum: int = arg(1, "micro-batches per optimizer step")
     lr: float = arg(3e-3, "peak learning rate")
@@ -599,8 +599,8 @@ class TrainConfig:
     beta1: float = arg(0.9, "AdamW beta1")
     beta2: float = arg(0.95, "AdamW beta2")
     grad_clip: float = arg(1.0, "clip the gradient norm to this (0 = off)")
-    eval_interval: int = arg(500, "validate and checkpoint every this many steps")
-    eval_batches: int = arg(8, "batches per validation")
+    eval_interval: int = arg(400, "validate and checkpoint every this many steps")
+    eval_batches: int = arg(64, "batches per validation")
     dtype: str = arg("auto", "auto | float32 | bfloat16 | float16 (auto: bf16 on GPU, fp32 on CPU)")
     device: str = arg("auto", "auto | cpu | cuda")
     compile: str = arg("auto", "torch.compile: auto (on for CUDA) | on | off")

@@ -13,6 +13,7 @@ Reward model: the SFT transformer with its LM head replaced by a scalar head W_r
 hidden state p (last non-pad token, mean over the response, or the <eos> token), trained with the
 Bradley-Terry, hinge, MSE or listwise loss. Saves out/reward.pt.
 """
+import copy
 import dataclasses
 import math
 import os
@@ -221,7 +222,7 @@ def train_reward(task, pref, rcfg, train_cfg):
     eval_data = make_comparisons(policy, task, pref.n_eval, 2, pref.tau, pref.sample_temperature,
                                  train_cfg.seed + 1, heldout=True)
     ceiling = noise_ceiling(eval_data, pref.tau)
-    rm = RewardModel(policy, rcfg.pooling)
+    rm = RewardModel(copy.deepcopy(policy), rcfg.pooling)  # the SFT backbone; the policy stays intact
 
     def get_batch(i):
         rng = random.Random(train_cfg.seed * 1_000_003 + i)

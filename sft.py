@@ -270,8 +270,8 @@ def finetune(model, task, sft_cfg, train_cfg, ckpt_name="sft.pt"):
 
 def sft_defaults(out_dir="out", device="auto"):
     """The configs of `python sft.py` (also what a later stage runs when out/sft.pt is missing)."""
-    return TaskConfig(), SFTConfig(), gpt.TrainConfig(max_steps=2000, batch_size=32, lr=1e-3, min_lr=1e-4,
-                                                      warmup_steps=30, eval_interval=250, weight_decay=0.0,
+    return TaskConfig(), SFTConfig(), gpt.TrainConfig(max_steps=5000, batch_size=32, lr=3e-3, min_lr=3e-4,
+                                                      warmup_steps=50, eval_interval=1000, weight_decay=0.0,
                                                       out_dir=out_dir, device=device)
 
 
