@@ -238,7 +238,7 @@ def train_reward(task, pref, rcfg, train_cfg):
         r = score(m, eval_data, device)
         gap = (r[:, 0] - r[:, 1]).cpu()
         strict = true_gap != 0  # the noiseless r* ordering, where r* tells the two apart
-        return {"pairwise_accuracy": (gap > 0).float().mean().item(),
+        return {"pairwise_accuracy": ((gap > 0).float() + 0.5 * (gap == 0).float()).mean().item(),  # ties: half
                 "true_order_accuracy": ((gap > 0) == (true_gap > 0))[strict].float().mean().item(),
                 "eval_loss": preference_loss(r[:, :2], dataclasses.replace(rcfg, loss="bt")).item()}
 

@@ -528,6 +528,7 @@ def test_gpt_trains_the_same_with_triton_and_sdpa(monkeypatch):
 
 import random  # noqa: E402
 
+import reward  # noqa: E402
 import sft  # noqa: E402
 
 
@@ -627,6 +628,90 @@ def test_sft_main_end_to_end(tmp_path):
     assert "trainable of" in r.stdout
     model, _ = gpt.load_model(str(tmp_path / "out" / "sft.pt"))  # LoRA merged: a plain GPT
     assert model.cfg.block_size == 32
+    r = run_script([os.path.join(HERE, "reward.py"), "--out_dir", out, "--max_steps", "4", "--eval_interval", "2",
+                    "--batch_size", "4", "--n_pairs", "12", "--n_eval", "8", "--heldout", "8"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    metrics = json.loads((tmp_path / "out" / "reward_metrics.json").read_text())
+    assert 0.5 <= metrics["noise_ceiling"] <= 1 and 0 <= metrics["pairwise_accuracy"] <= 1
+    rm = reward.load_reward_model(str(tmp_path / "out" / "reward.pt"))
+    assert isinstance(rm, reward.RewardModel)
+
+
+# ---------------------------------------------------------------------------------------------
+# reward.py: the labeller, the losses, the reward model
+
+def test_labeller_preference_rate_matches_bradley_terry():
+    rng = random.Random(0)
+    for r1, r2, tau in ((1.0, 0.75, 0.1), (0.5, 0.75, 0.2), (0.7, 0.7, 0.1)):
+        wins = sum(reward.plackett_luce_ranking([r1, r2], tau, rng)[0] == 0 for _ in range(4000))
+        assert abs(wins / 4000 - 1 / (1 + math.exp(-(r1 - r2) / tau))) < 0.025
+    # K = 3: the first place follows softmax(r / tau), the noise ceiling is what the truth scores
+    first = [reward.plackett_luce_ranking([1.0, 0.8, 0.5], 0.2, rng)[0] for _ in range(6000)]
+    p = torch.softmax(torch.tensor([1.0, 0.8, 0.5]) / 0.2, 0)
+    assert torch.allclose(torch.bincount(torch.tensor(first), minlength=3) / 6000., p, atol=0.025)
+    pairs = [(None, None, sorted([rng.random(), rng.random()], reverse=rng.random() < 0.5)) for _ in range(3000)]
+    truth_agrees = [(r[0] > r[1]) == (reward.plackett_luce_ranking(r, 0.1, rng)[0] == 0) for _, _, r in pairs]
+    assert abs(sum(truth_agrees) / len(pairs) - reward.noise_ceiling(pairs, 0.1)) < 0.02
+
+
+def test_preference_losses_match_their_formulas_and_bt_ignores_prompt_shifts():
+    r = torch.randn(16, 2)
+    cfg = lambda **kw: reward.RewardConfig(**kw)  # noqa: E731
+    gap = r[:, 0] - r[:, 1]
+    assert torch.allclose(reward.preference_loss(r, cfg(loss="bt")), -torch.log(torch.sigmoid(gap)).mean())
+    assert torch.allclose(reward.preference_loss(r, cfg(loss="hinge", margin=0.5)), (0.5 - gap).clamp(min=0).mean())
+    assert torch.allclose(reward.preference_loss(r, cfg(loss="mse", target_gap=1.5)), ((gap - 1.5) ** 2).mean())
+    assert torch.allclose(reward.preference_loss(r, cfg(loss="listwise")), reward.preference_loss(r, cfg(loss="bt")))
+    c = torch.randn(16, 1) * 10  # a per-prompt shift c(x) added to both rewards (problem set 4.3(c)(i))
+    assert torch.allclose(reward.preference_loss(r + c, cfg(loss="bt")), reward.preference_loss(r, cfg(loss="bt")),
+                          atol=1e-5)
+    assert abs(reward.preference_loss(torch.zeros(4, 2), cfg(loss="bt")).item() - math.log(2)) < 1e-6
+
+
+@pytest.mark.parametrize("pooling", ["last", "mean", "eos"])
+def test_reward_does_not_depend_on_padding_side_or_batch(pooling):
+    torch.manual_seed(0)
+    rm = reward.RewardModel(GPT(tiny()), pooling).eval()
+    torch.nn.init.normal_(rm.head.weight)
+    prompts = [(12, 34), (123, 4567), (5, 5)]
+    responses = [gpt.encode(str(a + b)) for a, b in prompts]
+    right = rm(*reward.pack_for_rm(prompts, responses, side="right"))
+    left = rm(*reward.pack_for_rm(prompts, responses, side="left"))
+    assert torch.allclose(right, left, atol=1e-5)
+    for i in range(3):
+        alone = rm(*reward.pack_for_rm(prompts[i:i + 1], responses[i:i + 1]))
+        assert torch.allclose(alone[0], right[i], atol=1e-5)
+
+
+def test_reward_model_training_raises_heldout_accuracy(tmp_path):
+    """A tiny reward model learns the labeller's preference for the correct sum over a wrong one."""
+    torch.manual_seed(0)
+    task = sft.TaskConfig(digits=2)
+    rng = random.Random(0)
+
+    def comparisons(n, heldout):
+        out = []
+        for a, b in sft.sample_prompts(task, n, rng, heldout):
+            good, bad = gpt.encode(str(a + b)), gpt.encode(str(rng.randint(0, 9)))
+            r = [1.0, sft.true_reward(a, b, gpt.decode(bad))]
+            out.append(((a, b), [good, bad], r) if reward.plackett_luce_ranking(r, 0.1, rng)[0] == 0
+                       else ((a, b), [bad, good], r[::-1]))
+        return out
+
+    train_data, eval_data = comparisons(256, False), comparisons(64, True)
+    rm = reward.RewardModel(GPT(tiny()), "last")
+    cfg = TrainConfig(max_steps=60, batch_size=16, lr=3e-3, warmup_steps=5, eval_interval=60, out_dir=str(tmp_path))
+    accuracy = lambda m: (reward.score(m, eval_data, "cpu")[:, 0] > reward.score(m, eval_data, "cpu")[:, 1]  # noqa
+                          ).float().mean().item()
+    get = lambda i: [train_data[(i * 16 + j) % len(train_data)] for j in range(16)]  # noqa: E731
+    loss_fn = lambda net, b: (reward.preference_loss(reward.score(net, b, "cpu"), reward.RewardConfig()), {})  # noqa
+    with torch.no_grad():
+        before = accuracy(rm)
+    gpt.train(rm, cfg, get, loss_fn)
+    with torch.no_grad():
+        after = accuracy(rm.eval())
+    ceiling = reward.noise_ceiling(eval_data, 0.1)
+    assert before == 0.0 and after > 0.8 and ceiling > 0.9  # zero head at the start: all rewards tie
 
 
 # ---------------------------------------------------------------------------------------------
