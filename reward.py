@@ -34,8 +34,8 @@ from gpt import EOS, UserError, arg
 
 @dataclass
 class PrefConfig:
-    n_pairs: int = arg(4000, "training comparisons (pairs, or K-way rankings for --loss listwise)")
-    n_eval: int = arg(400, "held-out comparisons, on held-out prompts")
+    n_pairs: int = arg(24000, "training comparisons (pairs, or K-way rankings for --loss listwise)")
+    n_eval: int = arg(1000, "held-out comparisons, on held-out prompts")
     tau: float = arg(0.1, "labeller temperature: P(y1 > y2) = sigmoid((r*(y1) - r*(y2)) / tau)")
     k: int = arg(4, "candidates per ranking for --loss listwise")
     sample_temperature: float = arg(1.0, "temperature of the SFT policy's samples")
@@ -84,14 +84,14 @@ def sample_responses(policy, prompts, k, temperature, seed, batch=256):
 
 def make_comparisons(policy, task, n, k, tau, temperature, seed, heldout=False):
     """n comparisons: (prompt, its k sampled responses ranked best first by the labeller, their true
-    rewards). k = 2 gives preference pairs (chosen, rejected). A prompt whose k samples are not all
-    different says nothing and is replaced by a fresh prompt."""
+    rewards). k = 2 gives preference pairs (chosen, rejected). A prompt whose k samples are all the
+    same says nothing and is replaced by a fresh prompt."""
     rng = random.Random(seed)
     data = []
     for _ in range(20):
         prompts = sft.sample_prompts(task, n - len(data), rng, heldout=heldout)
         for p, ys in zip(prompts, sample_responses(policy, prompts, k, temperature, rng.randrange(2 ** 31))):
-            if len({tuple(y) for y in ys}) == k:
+            if len({tuple(y) for y in ys}) > 1:
                 r = [sft.true_reward(*p, gpt.decode(y)) for y in ys]
                 order = plackett_luce_ranking(r, tau, rng)
                 data.append((p, [ys[i] for i in order], [r[i] for i in order]))
@@ -207,8 +207,8 @@ def load_reward_model(path, device="cpu"):
 
 def reward_defaults():
     return (sft.TaskConfig(), PrefConfig(), RewardConfig(),
-            gpt.TrainConfig(max_steps=500, batch_size=32, lr=1e-3, min_lr=1e-4, warmup_steps=30,
-                            eval_interval=100, weight_decay=0.0))
+            gpt.TrainConfig(max_steps=3000, batch_size=32, lr=1e-3, min_lr=1e-4, warmup_steps=30,
+                            eval_interval=1000, weight_decay=0.0))
 
 
 def train_reward(task, pref, rcfg, train_cfg):

@@ -270,7 +270,7 @@ def finetune(model, task, sft_cfg, train_cfg, ckpt_name="sft.pt"):
 
 def sft_defaults(out_dir="out", device="auto"):
     """The configs of `python sft.py` (also what a later stage runs when out/sft.pt is missing)."""
-    return TaskConfig(), SFTConfig(), gpt.TrainConfig(max_steps=5000, batch_size=32, lr=3e-3, min_lr=3e-4,
+    return TaskConfig(), SFTConfig(), gpt.TrainConfig(max_steps=3000, batch_size=32, lr=3e-3, min_lr=3e-4,
                                                       warmup_steps=50, eval_interval=1000, weight_decay=0.0,
                                                       out_dir=out_dir, device=device)
 
@@ -298,7 +298,7 @@ def main(argv=None):
         ("exact match, greedy", f"{m['before']['accuracy']:.1%} -> {m['accuracy']:.1%}"),
         ("exact match, sampled (T=1)", f"{m['before']['sample_accuracy']:.1%} -> {m['sample_accuracy']:.1%}"),
         ("true reward r*, sampled", f"{m['before']['true_reward']:.3f} -> {m['true_reward']:.3f}"),
-        ("response-token loss", m["loss"]), ("train seconds", m["train_seconds"])])
+        ("loss on the correct answers", m["loss"]), ("train seconds", m["train_seconds"])])
     (a, b), = sample_prompts(task, 1, random.Random(1), heldout=True)
     out = gpt.generate(model, [prompt_tokens(a, b)], task.digits + 3, temperature=0)[0]
     print(f"\nsample: {prompt_text(a, b)} -> {response_text(out)} (correct: {answer(a, b)})")
