@@ -207,7 +207,7 @@ def load_reward_model(path, device="cpu"):
 
 def reward_defaults():
     return (sft.TaskConfig(), PrefConfig(), RewardConfig(),
-            gpt.TrainConfig(max_steps=3000, batch_size=32, lr=1e-3, min_lr=1e-4, warmup_steps=30,
+            gpt.TrainConfig(max_steps=3000, batch_size=32, lr=3e-4, min_lr=3e-5, warmup_steps=30,
                             eval_interval=1000, weight_decay=0.0))
 
 

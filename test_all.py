@@ -629,7 +629,8 @@ def test_sft_main_end_to_end(tmp_path):
     model, _ = gpt.load_model(str(tmp_path / "out" / "sft.pt"))  # LoRA merged: a plain GPT
     assert model.cfg.block_size == 32
     r = run_script([os.path.join(HERE, "reward.py"), "--out_dir", out, "--max_steps", "4", "--eval_interval", "2",
-                    "--batch_size", "4", "--n_pairs", "12", "--n_eval", "8", "--heldout", "8"], cwd=tmp_path)
+                    "--batch_size", "4", "--n_pairs", "12", "--n_eval", "8", "--heldout", "8",
+                    "--loss", "listwise", "--k", "3"], cwd=tmp_path)  # K-way rankings end to end
     assert r.returncode == 0, r.stderr
     metrics = json.loads((tmp_path / "out" / "reward_metrics.json").read_text())
     assert 0.5 <= metrics["noise_ceiling"] <= 1 and 0 <= metrics["pairwise_accuracy"] <= 1
