@@ -716,6 +716,95 @@ def test_reward_model_training_raises_heldout_accuracy(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# dpo.py: the DPO family, checked on a bandit against the closed-form optimum
+
+import dpo  # noqa: E402
+
+
+def bandit(K=8, beta=0.5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    log_ref = torch.log_softmax(torch.randn(K, generator=g), 0)
+    r = torch.rand(K, generator=g)
+    optimum = torch.softmax(log_ref + r / beta, 0)  # pi* = pi_ref exp(r / beta) / Z (problem set eq. 15)
+    return log_ref, r, optimum
+
+
+def test_dpo_at_initialisation_is_ln2_with_zero_implicit_rewards():
+    model = seeded_model()
+    prompts = [(12, 34), (5, 6)]
+    logps = []
+    for ids, target in (sft.pack(prompts, [gpt.encode("46"), gpt.encode("11")]),
+                        sft.pack(prompts, [gpt.encode("47"), gpt.encode("1")])):
+        logps.append(gpt.sequence_logprobs(model, ids, target)[1])
+    losses, r_c, r_r = dpo.dpo_loss(logps[0], logps[1], logps[0].detach(), logps[1].detach(), beta=0.1)
+    assert torch.allclose(losses, torch.full_like(losses, math.log(2)))
+    assert (r_c == 0).all() and (r_r == 0).all()
+
+
+def test_dpo_gradient_equals_the_closed_form():
+    """Homework 2(f): grad L = -beta sigmoid(r_l - r_w) (grad log pi(y_w) - grad log pi(y_l))."""
+    log_ref, _, _ = bandit()
+    theta = (log_ref + 0.3 * torch.randn(8)).requires_grad_()
+    beta, w, l = 0.5, 2, 5
+    logp = torch.log_softmax(theta, 0)
+    loss, r_w, r_l = dpo.dpo_loss(logp[w:w + 1], logp[l:l + 1], log_ref[w:w + 1], log_ref[l:l + 1], beta)
+    loss.sum().backward()
+    p = torch.softmax(theta.detach(), 0)
+    grad_logp = lambda y: torch.nn.functional.one_hot(torch.tensor(y), 8).float() - p  # noqa: E731
+    closed = -beta * torch.sigmoid(r_l - r_w).detach() * (grad_logp(w) - grad_logp(l))
+    assert torch.allclose(theta.grad, closed, atol=1e-6)
+
+
+def test_plackett_luce_with_two_responses_is_dpo():
+    logps, ref = torch.randn(6, 2), torch.randn(6, 2)
+    pl = dpo.plackett_luce_loss(logps, ref, beta=0.3)
+    d, _, _ = dpo.dpo_loss(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], beta=0.3)
+    assert torch.allclose(pl, d, atol=1e-6)
+    # K = 3 written out: P(1 > 2 > 3) = e^r1/(e^r1+e^r2+e^r3) * e^r2/(e^r2+e^r3)
+    logps, ref = torch.randn(4, 3), torch.randn(4, 3)
+    r = 0.3 * (logps - ref)
+    want = -(r[:, 0] - torch.logsumexp(r, 1) + r[:, 1] - torch.logsumexp(r[:, 1:], 1))
+    assert torch.allclose(dpo.plackett_luce_loss(logps, ref, 0.3), want, atol=1e-6)
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "ipo", "hinge"])
+def test_dpo_losses_match_their_formulas(loss):
+    lc, lr, rc, rr = torch.randn(4, 5)
+    beta = 0.2
+    h = (lc - rc) - (lr - rr)
+    want = {"sigmoid": -torch.nn.functional.logsigmoid(beta * h), "ipo": (h - 1 / (2 * beta)) ** 2,
+            "hinge": (1 - beta * h).clamp(min=0)}[loss]
+    assert torch.allclose(dpo.dpo_loss(lc, lr, rc, rr, beta, loss)[0], want, atol=1e-6)
+    smoothed = dpo.dpo_loss(lc, lr, rc, rr, beta, "sigmoid", label_smoothing=0.1)[0]
+    flipped = dpo.dpo_loss(lr, lc, rr, rc, beta, "sigmoid")[0]
+    assert torch.allclose(smoothed, 0.9 * dpo.dpo_loss(lc, lr, rc, rr, beta)[0] + 0.1 * flipped, atol=1e-6)
+
+
+def test_dpo_converges_to_the_kl_regularised_optimum_on_a_bandit():
+    """One prompt, 8 one-token responses, a known reward r and reference: DPO on Bradley-Terry labelled
+    pairs of r reaches pi* = pi_ref exp(r / beta) / Z (total variation under 0.05)."""
+    beta = 0.5
+    log_ref, r, optimum = bandit(beta=beta)
+    g = torch.Generator().manual_seed(1)
+    n = 100_000
+    y1 = torch.randint(8, (n,), generator=g)
+    y2 = (y1 + torch.randint(1, 8, (n,), generator=g)) % 8                 # a different response
+    first_wins = torch.rand(n, generator=g) < torch.sigmoid(r[y1] - r[y2])  # the labeller (BT)
+    chosen, rejected = torch.where(first_wins, y1, y2), torch.where(first_wins, y2, y1)
+    theta = log_ref.clone().requires_grad_()                                # pi_theta = pi_ref at the start
+    opt = torch.optim.Adam([theta], lr=0.05)
+    for _ in range(600):
+        logp = torch.log_softmax(theta, 0)
+        loss = dpo.dpo_loss(logp[chosen], logp[rejected], log_ref[chosen], log_ref[rejected], beta)[0].mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    tv = 0.5 * (torch.softmax(theta, 0) - optimum).abs().sum().item()
+    start = 0.5 * (log_ref.exp() - optimum).abs().sum().item()
+    assert tv < 0.05 and start > 0.1, (tv, start)  # it moved: the reference is far from pi*
+
+
+# ---------------------------------------------------------------------------------------------
 # diffusion_toy.py (homework problem 1 and problem 4). Every closed form is checked against an
 # independent computation: the homework's own finite-T formula (eq. 1), a product derived by hand,
 # Euler-Maclaurin for the dt -> 0 gap, direct Gaussian conditioning from a joint covariance matrix,
