@@ -153,6 +153,22 @@ def evaluate_policy(model, task, prompts=None, seed=0):
             "true_reward": sum(true_reward(a, b, response_text(o)) for (a, b), o in zip(prompts, sampled)) / len(prompts)}
 
 
+@torch.no_grad()
+def kl_to_reference(policy, ref, task, prompts=None, seed=0):
+    """Monte-Carlo KL(pi || pi_ref) per prompt: mean over held-out prompts of log pi(y|x) - log pi_ref(y|x)
+    for y sampled from the policy at temperature 1 (notes 10.5: the sum of the per-token log ratios)."""
+    prompts = prompts or heldout_prompts(task)
+    device = next(policy.parameters()).device
+    g = torch.Generator(device=device).manual_seed(seed)
+    outs = gpt.generate(policy, [prompt_tokens(a, b) for a, b in prompts], task.digits + 3, generator=g)
+    responses = [o[:o.index(EOS)] if EOS in o else o for o in outs]
+    ids, target = pack(prompts, responses, device)
+    for i, o in enumerate(outs):
+        if EOS not in o:  # cut at the length limit: the <eos> that pack() appends was never sampled
+            target[i, len(prompt_tokens(*prompts[i])) + len(o)] = 0
+    return (gpt.sequence_logprobs(policy, ids, target)[1] - gpt.sequence_logprobs(ref, ids, target)[1]).mean().item()
+
+
 # ----------------------------------------------------------------------------------------------
 # 2. LoRA (notes 10.4): W = W_0 + (alpha / r) B A, W_0 frozen, B = 0 at the start
 

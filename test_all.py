@@ -613,7 +613,7 @@ def test_lora_starts_at_base_trains_only_a_b_and_merges_exactly():
     assert sum(isinstance(m, sft.LoRALinear) for m in everything.modules()) == 2 * 7  # 4 attn + 3 ffn
 
 
-def test_sft_main_end_to_end(tmp_path):
+def test_sft_reward_dpo_main_end_to_end(tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(open(os.path.join(HERE, "gpt.py")).read())
     out = str(tmp_path / "out")
@@ -636,6 +636,13 @@ def test_sft_main_end_to_end(tmp_path):
     assert 0.5 <= metrics["noise_ceiling"] <= 1 and 0 <= metrics["pairwise_accuracy"] <= 1
     rm = reward.load_reward_model(str(tmp_path / "out" / "reward.pt"))
     assert isinstance(rm, reward.RewardModel)
+    r = run_script([os.path.join(HERE, "dpo.py"), "--out_dir", out, "--max_steps", "4", "--eval_interval", "2",
+                    "--batch_size", "4", "--n_pairs", "12", "--n_eval", "8", "--heldout", "8"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    metrics = json.loads((tmp_path / "out" / "dpo_metrics.json").read_text())
+    for k in ("accuracy", "sample_accuracy", "true_reward"):
+        assert 0 <= metrics["before"][k] <= 1 and 0 <= metrics["after"][k] <= 1
+    assert metrics["before"]["kl"] == 0 and math.isfinite(metrics["after"]["kl"])
 
 
 # ---------------------------------------------------------------------------------------------
