@@ -107,8 +107,7 @@ def dpo_defaults():
 
 def train_dpo(task, pref, cfg, train_cfg):
     device = gpt.pick_device(train_cfg.device)
-    policy, _ = gpt.load_stage(os.path.join(train_cfg.out_dir, "sft.pt"),
-                               lambda: sft.train_sft(*sft.sft_defaults(train_cfg.out_dir, train_cfg.device)), device)
+    policy = sft.load_sft_policy(train_cfg, device)
     ref = copy.deepcopy(policy).eval().requires_grad_(False)  # pi_ref: the frozen SFT model
     k = pref.k if cfg.loss == "plackett_luce" else 2
     print(f"sampling {pref.n_pairs} comparisons of {k} responses from the SFT policy, labelled with tau={pref.tau}")

@@ -214,8 +214,7 @@ def reward_defaults():
 def train_reward(task, pref, rcfg, train_cfg):
     """The whole stage: SFT policy -> comparisons -> reward model. Returns (reward model, metrics)."""
     device = gpt.pick_device(train_cfg.device)
-    policy, _ = gpt.load_stage(os.path.join(train_cfg.out_dir, "sft.pt"),
-                               lambda: sft.train_sft(*sft.sft_defaults(train_cfg.out_dir, train_cfg.device)), device)
+    policy = sft.load_sft_policy(train_cfg, device)
     k = pref.k if rcfg.loss == "listwise" else 2
     print(f"sampling {pref.n_pairs} training and {pref.n_eval} held-out comparisons of {k} responses from the SFT policy")
     train_data = make_comparisons(policy, task, pref.n_pairs, k, pref.tau, pref.sample_temperature, train_cfg.seed)

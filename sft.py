@@ -305,6 +305,13 @@ def train_sft(task, sft_cfg, train_cfg):
     return model, {**result, "before": before}
 
 
+def load_sft_policy(train_cfg, device):
+    """out_dir/sft.pt, the starting point of every alignment stage; fine-tuned first with this
+    script's defaults (and pretrained before that) when it is missing."""
+    return gpt.load_stage(os.path.join(train_cfg.out_dir, "sft.pt"),
+                          lambda: train_sft(*sft_defaults(train_cfg.out_dir, train_cfg.device)), device)[0]
+
+
 def main(argv=None):
     task, sft_cfg, train_cfg = gpt.parse_args(list(sft_defaults()), argv, description="prompt-masked SFT with LoRA")
     model, m = train_sft(task, sft_cfg, train_cfg)
