@@ -643,6 +643,13 @@ def test_sft_reward_dpo_main_end_to_end(tmp_path):
     for k in ("accuracy", "sample_accuracy", "true_reward"):
         assert 0 <= metrics["before"][k] <= 1 and 0 <= metrics["after"][k] <= 1
     assert metrics["before"]["kl"] == 0 and math.isfinite(metrics["after"]["kl"])
+    # DPO with 2 processes (DDP over gloo), from the same SFT model
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        os.path.join(HERE, "dpo.py"), "--out_dir", out, "--max_steps", "3", "--eval_interval", "3",
+                        "--batch_size", "2", "--n_pairs", "8", "--n_eval", "4", "--heldout", "4"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "2 process(es)" in r.stdout and r.stdout.count('"stage": "dpo"') == 1
 
 
 # ---------------------------------------------------------------------------------------------
