@@ -613,7 +613,7 @@ def test_lora_starts_at_base_trains_only_a_b_and_merges_exactly():
     assert sum(isinstance(m, sft.LoRALinear) for m in everything.modules()) == 2 * 7  # 4 attn + 3 ffn
 
 
-def test_sft_reward_dpo_main_end_to_end(tmp_path):
+def test_sft_reward_dpo_gpro_main_end_to_end(tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(open(os.path.join(HERE, "gpt.py")).read())
     out = str(tmp_path / "out")
@@ -643,6 +643,12 @@ def test_sft_reward_dpo_main_end_to_end(tmp_path):
     for k in ("accuracy", "sample_accuracy", "true_reward"):
         assert 0 <= metrics["before"][k] <= 1 and 0 <= metrics["after"][k] <= 1
     assert metrics["before"]["kl"] == 0 and math.isfinite(metrics["after"]["kl"])
+    for flags in (["--algo", "gpro", "--online"], ["--algo", "grpo", "--reward", "rm"]):
+        r = run_script([os.path.join(HERE, "gpro.py"), "--out_dir", out, "--max_steps", "3", "--eval_interval", "3",
+                        "--batch_size", "2", "--k", "3", "--heldout", "8", *flags], cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        metrics = json.loads((tmp_path / "out" / "gpro_metrics.json").read_text())
+        assert metrics["algo"] == flags[1] and 0 <= metrics["after"]["sample_accuracy"] <= 1
     # DPO with 2 processes (DDP over gloo), from the same SFT model
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         os.path.join(HERE, "dpo.py"), "--out_dir", out, "--max_steps", "3", "--eval_interval", "3",
@@ -816,6 +822,62 @@ def test_dpo_converges_to_the_kl_regularised_optimum_on_a_bandit():
     tv = 0.5 * (torch.softmax(theta, 0) - optimum).abs().sum().item()
     start = 0.5 * (log_ref.exp() - optimum).abs().sum().item()
     assert tv < 0.05 and start > 0.1, (tv, start)  # it moved: the reference is far from pi*
+
+
+# ---------------------------------------------------------------------------------------------
+# gpro.py: GPRO's weighted likelihood reaches pi* as K grows; GRPO's group advantages
+
+import gpro  # noqa: E402
+
+
+def gpro_on_bandit(K, beta=0.5):
+    """Fit a softmax policy by the GPRO loss on draws of K responses from pi_ref (320k samples in all)."""
+    groups = 320_000 // K
+    log_ref, r, optimum = bandit(beta=beta)
+    g = torch.Generator().manual_seed(K)
+    ys = torch.multinomial(log_ref.exp(), groups * K, replacement=True, generator=g).view(groups, K)
+    theta = log_ref.clone().requires_grad_()
+    opt = torch.optim.Adam([theta], lr=0.05)
+    for _ in range(300):
+        loss = gpro.gpro_loss(torch.log_softmax(theta, 0)[ys], r[ys], beta)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return 0.5 * (torch.softmax(theta, 0) - optimum).abs().sum().item()
+
+
+def test_gpro_converges_to_the_optimum_as_k_grows():
+    """Self-normalised weights softmax(r / beta) over K samples are biased towards pi_ref for small K."""
+    tv = {K: gpro_on_bandit(K) for K in (2, 8, 64)}
+    assert tv[2] > tv[8] > tv[64] and tv[64] < 0.05 and tv[2] > 0.05, tv
+
+
+def test_gpro_weights_and_grpo_advantages():
+    r = torch.tensor([[1.0, 0.0, 0.5], [0.2, 0.2, 0.2]])
+    w = gpro.gpro_weights(r, beta=0.5)
+    assert torch.allclose(w.sum(-1), torch.ones(2)) and torch.allclose(w[1], torch.full((3,), 1 / 3))
+    assert torch.allclose(w[0, 0] / w[0, 1], torch.tensor(math.exp(2.0)))  # exp((r_i - r_j) / beta)
+    a = gpro.grpo_advantages(r)
+    assert torch.allclose(a[0], (r[0] - r[0].mean()) / (r[0].std() + 1e-4)) and (a[1] == 0).all()
+    assert torch.allclose(gpro.grpo_advantages(r, std_norm=False)[0], r[0] - r[0].mean())
+
+
+def test_grpo_policy_gradient_is_zero_for_a_group_of_equal_rewards():
+    logits = torch.randn(3, 5, 10, requires_grad=True)  # 3 responses of 5 tokens
+    tokens = torch.randint(10, (3, 5))
+    logp = torch.log_softmax(logits, -1).gather(-1, tokens[..., None]).squeeze(-1)
+    mask = torch.ones(3, 5)
+    adv = gpro.grpo_advantages(torch.full((1, 3), 0.7))[0]
+    loss = gpro.grpo_loss(logp, logp.detach(), logp.detach(), adv, mask, beta=0.0)
+    loss.backward()
+    assert loss.item() == 0 and (logits.grad == 0).all()
+    # with different rewards the first step is the plain policy gradient -A grad log pi (ratio 1)
+    logits.grad = None
+    logp = torch.log_softmax(logits, -1).gather(-1, tokens[..., None]).squeeze(-1)
+    adv = torch.tensor([1.0, -1.0, 0.0])
+    gpro.grpo_loss(logp, logp.detach(), logp.detach(), adv, mask, beta=0.0).backward(retain_graph=True)
+    want = torch.autograd.grad(-(adv[:, None] * logp).sum() / mask.sum(), logits)[0]
+    assert torch.allclose(logits.grad, want, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
