@@ -127,8 +127,9 @@ def train_dpo(task, pref, cfg, train_cfg):
 
     def loss_fn(net, batch):
         comparisons, ref_b = batch
-        loss, _ = preference_step(response_logps(net, comparisons, device), ref_b, cfg)
-        return loss, {"tokens": sum(len(y) + 1 for _, ys, _ in comparisons for y in ys)}
+        loss, stats = preference_step(response_logps(net, comparisons, device), ref_b, cfg)
+        return loss, {"tokens": sum(len(y) + 1 for _, ys, _ in comparisons for y in ys),
+                      "margin": stats["rewards/margins"], "acc": stats["rewards/accuracies"]}
 
     def evaluate(m):
         _, stats = preference_step(response_logps(m, held, device), held_ref, dataclasses.replace(cfg, loss="sigmoid"))

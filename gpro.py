@@ -128,9 +128,12 @@ def train_gpro(task, cfg, train_cfg):
         flat_p = [p for p in prompts for _ in range(cfg.k)]
         ids, target = sft.pack(flat_p, [y for ys in responses for y in ys], device)
         per_token, logp = gpt.sequence_logprobs(net, ids, target)
-        stats = {"tokens": ids.numel()}
-        if cfg.algo == "gpro":
+        stats = {"tokens": ids.numel(), "reward": r.mean().item()}
+        if cfg.algo == "gpro":  # entropy of the weights: ln K when uniform, 0 when one sample takes all
+            w = gpro_weights(r, cfg.beta)
+            stats["weight_entropy"] = -(w * w.clamp_min(1e-12).log()).sum(-1).mean().item()
             return gpro_loss(logp.view(-1, cfg.k), r, cfg.beta), stats
+        stats["zero_spread"] = (r.std(-1) == 0).float().mean().item()  # groups that teach nothing
         with torch.no_grad():
             ref_tok, _ = gpt.sequence_logprobs(ref, ids, target)
         # one update per rollout: the old policy is the current one, so the ratio is 1 (with gradient)

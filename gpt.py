@@ -691,7 +691,8 @@ def train(model, cfg, get_batch, loss_fn, evaluate=None, ckpt_path=None, ckpt_ex
 
     get_batch(i) -> batch: the i-th micro-batch of this process (a pure function of i, so a resumed
     run sees exactly the data it would have seen). loss_fn(model, batch) -> (loss, stats) where
-    stats is a dict of floats ("tokens" counts the tokens processed). evaluate(model) -> dict of
+    stats is a dict of floats ("tokens" counts the tokens processed; the others are shown on the
+    progress bar and at every validation, averaged over the micro-batches). evaluate(model) -> dict of
     metrics, run on rank 0 every eval_interval steps and at the end. Checkpoints go to ckpt_path.
     Returns a dict of final metrics."""
     device = pick_device(cfg.device)
@@ -764,6 +765,7 @@ def train(model, cfg, get_batch, loss_fn, evaluate=None, ckpt_path=None, ckpt_ex
         tokens_seen += stats_sum.get("tokens", 0) * dist.world
         history.append(loss_sum)
         postfix = {"loss": f"{loss_sum:.4f}", "tok/s": f"{tokens_seen / train_time:,.0f}"}
+        postfix.update({k: f"{v / cfg.grad_accum:.3g}" for k, v in stats_sum.items() if k != "tokens"})
         if peak:
             postfix["mfu"] = f"{tokens_seen / train_time * flops_per_token(model, model.cfg.block_size) / peak[0]:.1%}"
         bar.set_postfix(postfix)
@@ -774,8 +776,9 @@ def train(model, cfg, get_batch, loss_fn, evaluate=None, ckpt_path=None, ckpt_ex
                 with torch.no_grad(), autocast(device, cfg.dtype):
                     metrics = evaluate(model)
                 model.train()
-                bar.write(f"step {step + 1}: train loss {loss_sum:.4f} " +
-                          " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+                bar.write(f"step {step + 1}: train loss {loss_sum:.4f} " + " ".join(
+                    f"{k} {v:.4f}" for k, v in {**metrics, **{k: v / cfg.grad_accum for k, v in stats_sum.items()
+                                                              if k != "tokens"}}.items()))
             checkpoint(step + 1, metrics)
     bar.close()
     recent = history[-max(1, len(history) // 10):]
