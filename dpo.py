@@ -138,8 +138,7 @@ def train_dpo(task, pref, cfg, train_cfg):
 
     result = gpt.train(policy, train_cfg, get_batch, loss_fn, evaluate, os.path.join(train_cfg.out_dir, "dpo.pt"),
                        desc="dpo")
-    after = {k: result[k] for k in ("accuracy", "sample_accuracy", "true_reward", "kl") if k in result}
-    return policy, {**result, "before": before, "after": after}
+    return policy, sft.before_after(before, result)
 
 
 def main(argv=None):
@@ -147,14 +146,8 @@ def main(argv=None):
     _, m = train_dpo(task, pref, cfg, train_cfg)
     if int(os.environ.get("RANK", 0)) != 0:
         return
-    b, a = m["before"], m["after"]
-    gpt.print_table(f"DPO ({cfg.loss}, beta={cfg.beta}) on held-out prompts: SFT -> aligned", [
-        ("exact match, sampled (T=1)", f"{b['sample_accuracy']:.1%} -> {a['sample_accuracy']:.1%}"),
-        ("exact match, greedy", f"{b['accuracy']:.1%} -> {a['accuracy']:.1%}"),
-        ("true reward r*, sampled", f"{b['true_reward']:.3f} -> {a['true_reward']:.3f}"),
-        ("KL(pi || pi_ref) per prompt", f"{a['kl']:.3f}"),
-        ("held-out preference accuracy", f"{m['heldout_rewards/accuracies']:.1%}"),
-        ("train seconds", m["train_seconds"])])
+    gpt.print_table(f"DPO ({cfg.loss}, beta={cfg.beta}) on held-out prompts: SFT -> aligned", sft.before_after_rows(m) + [
+        ("held-out preference accuracy", f"{m['heldout_rewards/accuracies']:.1%}"), ("train seconds", m["train_seconds"])])
     gpt.write_metrics("dpo", m, train_cfg.out_dir)
 
 

@@ -146,8 +146,7 @@ def train_gpro(task, cfg, train_cfg):
 
     result = gpt.train(policy, train_cfg, get_batch, loss_fn, evaluate,
                        os.path.join(train_cfg.out_dir, f"{cfg.algo}.pt"), desc=cfg.algo)
-    after = {k: result[k] for k in ("accuracy", "sample_accuracy", "true_reward", "kl") if k in result}
-    return policy, {**result, "before": before, "after": after}
+    return policy, sft.before_after(before, result)
 
 
 def reward_stage(train_cfg):
@@ -160,12 +159,8 @@ def main(argv=None):
     _, m = train_gpro(task, cfg, train_cfg)
     if int(os.environ.get("RANK", 0)) != 0:
         return
-    b, a = m["before"], m["after"]
-    gpt.print_table(f"{cfg.algo.upper()} (K={cfg.k}, beta={cfg.beta}, reward={cfg.reward}) on held-out prompts", [
-        ("exact match, sampled (T=1)", f"{b['sample_accuracy']:.1%} -> {a['sample_accuracy']:.1%}"),
-        ("exact match, greedy", f"{b['accuracy']:.1%} -> {a['accuracy']:.1%}"),
-        ("true reward r*, sampled", f"{b['true_reward']:.3f} -> {a['true_reward']:.3f}"),
-        ("KL(pi || pi_ref) per prompt", f"{a['kl']:.3f}"), ("train seconds", m["train_seconds"])])
+    gpt.print_table(f"{cfg.algo.upper()} (K={cfg.k}, beta={cfg.beta}, reward={cfg.reward}) on held-out prompts",
+                    sft.before_after_rows(m) + [("train seconds", m["train_seconds"])])
     gpt.write_metrics("gpro", {**m, "algo": cfg.algo}, train_cfg.out_dir)
 
 

@@ -169,6 +169,21 @@ def kl_to_reference(policy, ref, task, prompts=None, seed=0):
     return (gpt.sequence_logprobs(policy, ids, target)[1] - gpt.sequence_logprobs(ref, ids, target)[1]).mean().item()
 
 
+def before_after(before, result):
+    """What an alignment stage reports: its training result plus the held-out figures before and after."""
+    after = {k: result[k] for k in ("accuracy", "sample_accuracy", "true_reward", "kl") if k in result}
+    return {**result, "before": before, "after": after}
+
+
+def before_after_rows(m):
+    """The rows of the before -> after table every alignment stage prints."""
+    b, a = m["before"], m["after"]
+    return [("exact match, sampled (T=1)", f"{b['sample_accuracy']:.1%} -> {a['sample_accuracy']:.1%}"),
+            ("exact match, greedy", f"{b['accuracy']:.1%} -> {a['accuracy']:.1%}"),
+            ("true reward r*, sampled", f"{b['true_reward']:.3f} -> {a['true_reward']:.3f}"),
+            ("KL(pi || pi_ref) per prompt", f"{a['kl']:.3f}")]
+
+
 # ----------------------------------------------------------------------------------------------
 # 2. LoRA (notes 10.4): W = W_0 + (alpha / r) B A, W_0 frozen, B = 0 at the start
 
