@@ -118,7 +118,7 @@ def train_dpo(task, pref, cfg, train_cfg):
         ref_logps = torch.cat([response_logps(ref, data[i:i + 256], device) for i in range(0, len(data), 256)])
         held_ref = response_logps(ref, held, device)
     before = {**sft.evaluate_policy(policy, task), "kl": sft.kl_to_reference(policy, ref, task)}  # 0: pi = pi_ref
-    rank = int(os.environ.get("RANK", 0))
+    rank = gpt.rank()
 
     def get_batch(i):
         rng = random.Random(train_cfg.seed * 1_000_003 + 7919 * rank + i)
@@ -144,7 +144,7 @@ def train_dpo(task, pref, cfg, train_cfg):
 def main(argv=None):
     task, pref, cfg, train_cfg = gpt.parse_args(list(dpo_defaults()), argv, description="DPO on simulated preferences")
     _, m = train_dpo(task, pref, cfg, train_cfg)
-    if int(os.environ.get("RANK", 0)) != 0:
+    if gpt.rank() != 0:
         return
     gpt.print_table(f"DPO ({cfg.loss}, beta={cfg.beta}) on held-out prompts: SFT -> aligned", sft.before_after_rows(m) + [
         ("held-out preference accuracy", f"{m['heldout_rewards/accuracies']:.1%}"), ("train seconds", m["train_seconds"])])

@@ -22,7 +22,6 @@ clipped importance ratio of PPO per token, and beta * KL(pi || pi_ref) per token
 estimator exp(q) - q - 1, q = log pi_ref - log pi; loss averaged per token or per sequence.
 """
 import copy
-import dataclasses
 import os
 import random
 from dataclasses import dataclass
@@ -99,13 +98,9 @@ def train_gpro(task, cfg, train_cfg):
     policy = sft.load_sft_policy(train_cfg, device)
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
     if cfg.reward == "rm":
-        path = os.path.join(train_cfg.out_dir, "reward.pt")
-        if not os.path.exists(path):
-            print(f"{path} not found: training the reward model first, with reward.py's defaults")
-            reward.train_reward(*reward_stage(train_cfg))
-        rm = reward.load_reward_model(path, device)
+        rm = reward.load_reward_stage(train_cfg, device)
     before = {**sft.evaluate_policy(policy, task), "kl": sft.kl_to_reference(policy, ref, task)}
-    rank = int(os.environ.get("RANK", 0))
+    rank = gpt.rank()
 
     def score(prompts, responses):
         """Rewards (B, K) of the K responses of each prompt."""
@@ -149,15 +144,10 @@ def train_gpro(task, cfg, train_cfg):
     return policy, sft.before_after(before, result)
 
 
-def reward_stage(train_cfg):
-    task, pref, rcfg, rtrain = reward.reward_defaults()
-    return task, pref, rcfg, dataclasses.replace(rtrain, out_dir=train_cfg.out_dir, device=train_cfg.device)
-
-
 def main(argv=None):
     task, cfg, train_cfg = gpt.parse_args(list(gpro_defaults()), argv, description="GPRO / GRPO from scalar rewards")
     _, m = train_gpro(task, cfg, train_cfg)
-    if int(os.environ.get("RANK", 0)) != 0:
+    if gpt.rank() != 0:
         return
     gpt.print_table(f"{cfg.algo.upper()} (K={cfg.k}, beta={cfg.beta}, reward={cfg.reward}) on held-out prompts",
                     sft.before_after_rows(m) + [("train seconds", m["train_seconds"])])

@@ -408,7 +408,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0
     """Continue each prompt (a list of token-id lists, any lengths) for up to max_new_tokens.
     Prefill all prompts in one forward (left padded), then decode one token per step through the KV
     cache; a sequence stops at its first EOS. Returns the new tokens of each prompt (EOS included).
-    use_cache=False recomputes the whole sequence every step (for tests and the benchmark)."""
+    use_cache=False recomputes the whole sequence every step (what the tests compare the cache with)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise UserError("every prompt needs at least one token (start it with BOS)")
     longest = max(len(p) for p in prompts)
@@ -575,13 +575,14 @@ def load_model(path, device="cpu"):
     return model.to(device), ckpt
 
 
-def load_stage(path, train_stage, device="cpu"):
-    """The model of an earlier stage from its checkpoint; when the checkpoint is missing, first run
-    that stage's own training with its defaults (so any script works on a fresh clone)."""
+def load_stage(path, train_stage, device="cpu", load=None):
+    """The model of an earlier stage from its checkpoint (read by `load`, default load_model); when the
+    checkpoint is missing, first run that stage's own training with its defaults (so any script works
+    on a fresh clone)."""
     if not os.path.exists(path):
         print(f"{path} not found: training that stage first, with its defaults")
         train_stage()
-    return load_model(path, device)
+    return (load or load_model)(path, device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -637,12 +638,17 @@ def make_optimizer(model, cfg, device):
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
 
 
+def rank():
+    """This process's rank under torchrun (0 without it): only rank 0 logs, evaluates and saves."""
+    return int(os.environ.get("RANK", 0))
+
+
 class Dist:
     """torchrun's environment: rank, world size, and the process group (NCCL on GPUs, gloo on CPU)."""
 
     def __init__(self, device):
         self.world = int(os.environ.get("WORLD_SIZE", 1))
-        self.rank = int(os.environ.get("RANK", 0))
+        self.rank = rank()
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
         self.device = device
         if self.world > 1:
@@ -857,7 +863,7 @@ def pretrain(model_cfg, train_cfg, data_cfg):
         raise UserError(f"the data ({len(train_data)} training and {len(val_data)} validation tokens from {source}) "
                         f"is too small for block_size={model_cfg.block_size}: use a larger --data file, "
                         "a larger --val_fraction or a smaller --block_size")
-    dist_rank = int(os.environ.get("RANK", 0))
+    dist_rank = rank()
     if dist_rank == 0:
         print(f"corpus: {source}: {len(train_data):,} training and {len(val_data):,} validation tokens")
     torch.manual_seed(train_cfg.seed)
@@ -926,7 +932,7 @@ def main(argv=None):
         bench_decoding(model_cfg, pick_device(train_cfg.device))
         return
     model, m = pretrain(model_cfg, train_cfg, data_cfg)
-    if int(os.environ.get("RANK", 0)) != 0:
+    if rank() != 0:
         return
     rows = [("train loss", m["train_loss"]), ("val loss", m["val_loss"]), ("val bits/byte", m["val_bpb"]),
             ("tokens/s", round(m["tokens_per_sec"])), ("parameters", f"{m['params']:,}"),

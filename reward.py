@@ -78,7 +78,7 @@ def sample_responses(policy, prompts, k, temperature, seed, batch=256):
         chunk = flat[i:i + batch]
         n_new = max(len(str(a + b)) for a, b in chunk) + 2
         gen = gpt.generate(policy, [sft.prompt_tokens(a, b) for a, b in chunk], n_new, temperature, generator=g)
-        out += [o[:o.index(EOS)] if EOS in o else o for o in gen]
+        out += [sft.strip_eos(o) for o in gen]
     return [out[j * k:(j + 1) * k] for j in range(len(prompts))]
 
 
@@ -205,10 +205,18 @@ def load_reward_model(path, device="cpu"):
     return rm.to(device).eval()
 
 
-def reward_defaults():
+def reward_defaults(out_dir="out", device="auto"):
+    """The configs of `python reward.py` (also what a later stage runs when out/reward.pt is missing)."""
     return (sft.TaskConfig(), PrefConfig(), RewardConfig(),
             gpt.TrainConfig(max_steps=3000, batch_size=32, lr=3e-4, min_lr=3e-5, warmup_steps=30,
-                            eval_interval=1000, weight_decay=0.0))
+                            eval_interval=1000, weight_decay=0.0, out_dir=out_dir, device=device))
+
+
+def load_reward_stage(train_cfg, device):
+    """out_dir/reward.pt; trained first with this script's defaults when it is missing."""
+    return gpt.load_stage(os.path.join(train_cfg.out_dir, "reward.pt"),
+                          lambda: train_reward(*reward_defaults(train_cfg.out_dir, train_cfg.device)), device,
+                          load=load_reward_model)
 
 
 def train_reward(task, pref, rcfg, train_cfg):
@@ -255,7 +263,7 @@ def train_reward(task, pref, rcfg, train_cfg):
     truth = torch.tensor([x for _, _, rs in fresh for x in rs])
     result.update(noise_ceiling=ceiling, reward_r_star_correlation=pearson(r.flatten().cpu(), truth).item(),
                   loss=rcfg.loss, pooling=rcfg.pooling)
-    if int(os.environ.get("RANK", 0)) == 0:
+    if gpt.rank() == 0:
         gpt.save_checkpoint(path, model=rm.state_dict(), config=dataclasses.asdict(rm.cfg), pooling=rcfg.pooling,
                             step=train_cfg.max_steps, metrics=result)
     return rm, result
@@ -265,7 +273,7 @@ def main(argv=None):
     task, pref, rcfg, train_cfg = gpt.parse_args(list(reward_defaults()), argv,
                                                  description="reward model on simulated preferences")
     rm, m = train_reward(task, pref, rcfg, train_cfg)
-    if int(os.environ.get("RANK", 0)) != 0:
+    if gpt.rank() != 0:
         return
     gpt.print_table("reward model on held-out comparisons", [
         ("pairwise accuracy (labeller)", f"{m['pairwise_accuracy']:.1%}"),

@@ -116,9 +116,13 @@ def prompt_tokens(a, b):
     return [BOS] + gpt.encode(prompt_text(a, b)) + [SEP]
 
 
+def strip_eos(tokens):
+    """Generated tokens up to (not including) the first <eos>."""
+    return tokens[:tokens.index(EOS)] if EOS in tokens else tokens
+
+
 def response_text(tokens):
-    """The generated tokens up to (not including) <eos>."""
-    return gpt.decode(tokens[:tokens.index(EOS)] if EOS in tokens else tokens)
+    return gpt.decode(strip_eos(tokens))
 
 
 def pack(prompts, responses, device="cpu"):
@@ -161,7 +165,7 @@ def kl_to_reference(policy, ref, task, prompts=None, seed=0):
     device = next(policy.parameters()).device
     g = torch.Generator(device=device).manual_seed(seed)
     outs = gpt.generate(policy, [prompt_tokens(a, b) for a, b in prompts], task.digits + 3, generator=g)
-    responses = [o[:o.index(EOS)] if EOS in o else o for o in outs]
+    responses = [strip_eos(o) for o in outs]
     ids, target = pack(prompts, responses, device)
     for i, o in enumerate(outs):
         if EOS not in o:  # cut at the length limit: the <eos> that pack() appends was never sampled
@@ -276,7 +280,7 @@ def finetune(model, task, sft_cfg, train_cfg, ckpt_name="sft.pt"):
         total = sum(p.numel() for p in model.parameters())
         print(f"LoRA r={sft_cfg.lora_rank} alpha={sft_cfg.lora_alpha} on {sft_cfg.lora_targets}: "
               f"{trainable:,} trainable of {total:,} parameters ({trainable / total:.2%})")
-    rank = int(os.environ.get("RANK", 0))
+    rank = gpt.rank()
     get_batch = sft_batches(task, train_cfg.batch_size, train_cfg.seed + 7919 * rank)
     held = heldout_prompts(task)
     held_batch = pack(held, [gpt.encode(answer(a, b)) for a, b in held])  # correct answers
@@ -330,7 +334,7 @@ def load_sft_policy(train_cfg, device):
 def main(argv=None):
     task, sft_cfg, train_cfg = gpt.parse_args(list(sft_defaults()), argv, description="prompt-masked SFT with LoRA")
     model, m = train_sft(task, sft_cfg, train_cfg)
-    if int(os.environ.get("RANK", 0)) != 0:
+    if gpt.rank() != 0:
         return
     gpt.print_table("SFT on held-out prompts", [
         ("exact match, greedy", f"{m['before']['accuracy']:.1%} -> {m['accuracy']:.1%}"),
