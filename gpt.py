@@ -3,7 +3,9 @@ gpt.py: a decoder-only transformer language model and the machinery every other 
 
 Read top to bottom:
   1. byte tokenizer                      (ids 0..255 are bytes, then BOS, EOS, PAD, SEP)
-  2. GPTConfig and the model             (MHA/GQA/MQA, RoPE, RMSNorm, SwiGLU; notes 4.1-4.4, 4.7, 5.2, 8.6-8.7)
+  2. GPTConfig and the model             (MHA/GQA/MQA, RoPE, RMSNorm, SwiGLU; notes 4.1-4.4, 4.7, 5.2, 8.6-8.7;
+                                          switches: logit scaling 3.1, linear attention 4.10, prefix LM 8.4,
+                                          mixture of experts 8.8, parallel attention + FFN 8.9)
   3. KV cache, sampling, generate        (notes 4.3, 10.5 "Sampling")
   4. sequence log-probabilities          (log p(x_t | x_<t), notes 10.1; used by SFT, DPO, PPO, GPRO)
   5. command-line configs, metrics, checkpoints
@@ -30,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from kernels import attention
+from kernels import attention, causal_mask
 
 
 class UserError(ValueError):
@@ -97,10 +99,23 @@ class GPTConfig:
     ffn_hidden: int = arg(0, "FFN hidden width; 0 = 4*n_embd (gelu, relu) or 8/3*n_embd rounded to 32 (swiglu)")
     rope_theta: float = arg(10000.0, "RoPE base")
     tie_embeddings: bool = arg(True, "share the input embedding and the output head")
+    logit_scale: bool = arg(False, "divide the output logits by sqrt(n_embd), so their variance does not grow "
+                                   "with the width (notes 3.1; attention scores are always / sqrt(head_dim))")
+    attention: str = arg("softmax", "softmax | linear: causal linear attention, phi = ELU + 1 (notes 4.10)")
+    prefix_lm: bool = arg(False, "prefix-LM mask: the positions up to and including each row's first <sep> "
+                                 "attend to each other bidirectionally, the rest causally (notes 8.4)")
+    parallel_block: bool = arg(False, "x + (attn(norm(x)) + ffn(norm(x))) / sqrt(2), one norm (notes 8.9)")
+    n_expert: int = arg(0, "mixture-of-experts FFN with this many experts; 0 = one dense FFN (notes 8.8)")
+    expert_top_k: int = arg(2, "experts per token (MoE)")
+    expert_capacity: float = arg(2.5, "MoE capacity factor alpha: in training an expert takes at most "
+                                      "floor(alpha*B*T/n_expert) tokens, the rest are dropped (the mean load is "
+                                      "top_k*B*T/n_expert); 0 = no limit")
+    moe_aux_coef: float = arg(0.01, "lambda: weight of the load-balancing loss E sum_e f_e m_e per MoE layer")
 
     def __post_init__(self):
         choices = {"pos_emb": ("rope", "learned"), "norm": ("rmsnorm", "layernorm"),
-                   "norm_placement": ("pre", "post"), "ffn": ("swiglu", "gelu", "relu")}
+                   "norm_placement": ("pre", "post"), "ffn": ("swiglu", "gelu", "relu"),
+                   "attention": ("softmax", "linear")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise UserError(f"{name}={getattr(self, name)!r} is not one of {allowed}")
@@ -120,6 +135,14 @@ class GPTConfig:
             raise UserError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.ffn_hidden < 0:
             raise UserError(f"ffn_hidden must be >= 0, got {self.ffn_hidden}")
+        if self.parallel_block and self.norm_placement == "post":
+            raise UserError("parallel_block normalises the block's input once: use it with norm_placement=pre")
+        if self.n_expert < 0 or (self.n_expert and not 1 <= self.expert_top_k <= self.n_expert):
+            raise UserError(f"need n_expert >= 0 and 1 <= expert_top_k <= n_expert, got n_expert={self.n_expert}, "
+                            f"expert_top_k={self.expert_top_k}")
+        if self.expert_capacity < 0 or self.moe_aux_coef < 0:
+            raise UserError(f"expert_capacity and moe_aux_coef must be >= 0, got {self.expert_capacity} "
+                            f"and {self.moe_aux_coef}")
 
     @property
     def head_dim(self):
@@ -164,6 +187,35 @@ def apply_rope(x, cos, sin):
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
 
 
+def phi(x):
+    """Linear attention's feature map ELU(x) + 1 > 0 (notes 4.10), in fp32."""
+    return F.elu(x.float()) + 1
+
+
+def linear_attention(q, k, v, mask=None, causal=True, sums=None, eps=1e-6):
+    """Linear attention (notes 4.10), the parallel (masked) form over these T tokens:
+        attn_i = sum_j a_ij v_j / (sum_j a_ij + eps),  a_ij = phi(q_i)^T phi(k_j), over the keys j that i may see.
+    sums = (S_V, S_K), the running sums S_V = sum_j v_j phi(k_j)^T (B, n_kv_head, hd, hd) and
+    S_K = sum_j phi(k_j) (B, n_kv_head, 1, hd) over earlier tokens (a LinearCache), which every query sees:
+        attn_i = (S_V phi(q_i) + sum_j a_ij v_j) / (S_K phi(q_i) + sum_j a_ij + eps),  the recurrent form.
+    q: (B, n_head, T, hd); k, v: (B, n_kv_head, T, hd); mask: bool (B, 1, T, Tk) whose last T columns are
+    these keys. Returns (B, n_head, T, hd). Costs O(T^2) like softmax attention; decoding with sums is O(1)."""
+    H, T = q.shape[1], q.shape[2]
+    g = torch.arange(H, device=q.device) // (H // k.shape[1])       # key/value head of query head h (notes 4.4)
+    fq, fk, v = phi(q), phi(k)[:, g], v.float()[:, g]                # (B, H, T, hd)
+    a = fq @ fk.transpose(-2, -1)                                    # (B, H, T, T)
+    if causal:
+        a = a * causal_mask(T, T, q.device)
+    if mask is not None:
+        a = a * mask[..., -T:]
+    num, den = a @ v, a.sum(-1, keepdim=True)                        # (B, H, T, hd), (B, H, T, 1)
+    if sums is not None:
+        s_v, s_k = sums[0][:, g], sums[1][:, g]                      # (B, H, hd, hd), (B, H, 1, hd)
+        num = num + fq @ s_v.transpose(-2, -1)                       # S_V phi(q_i), every i
+        den = den + fq @ s_k.transpose(-2, -1)                       # S_K phi(q_i)
+    return (num / (den + eps)).type_as(q)
+
+
 class Attention(nn.Module):
     """Causal self-attention with n_head query heads and n_kv_head key/value heads (notes 4.1-4.4)."""
 
@@ -187,10 +239,16 @@ class Attention(nn.Module):
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)           # (B, heads, T, hd)
-        if cache is not None:  # append this step's keys/values; attend over everything cached so far
-            k, v = cache.update(k, v)                                               # (B, n_kv_head, Tk, hd)
-        y = attention(q, k, v, causal=True, mask=mask,
-                      dropout_p=cfg.dropout if self.training else 0.0)              # (B, n_head, T, hd)
+        causal = not cfg.prefix_lm  # a prefix-LM mask carries the causal part itself (notes 8.4)
+        if cfg.attention == "linear":  # the cache holds the running sums S_V, S_K, not K and V
+            y = linear_attention(q, k, v, mask, causal, None if cache is None else (cache.s_v, cache.s_k))
+            if cache is not None:
+                cache.update(k, v)
+        else:
+            if cache is not None:  # append this step's keys/values; attend over everything cached so far
+                k, v = cache.update(k, v)                                           # (B, n_kv_head, Tk, hd)
+            y = attention(q, k, v, causal=causal, mask=mask,
+                          dropout_p=cfg.dropout if self.training else 0.0)          # (B, n_head, T, hd)
         y = y.transpose(1, 2).reshape(B, T, cfg.n_embd)                             # concat heads
         return self.resid_drop(self.o_proj(y))
 
@@ -217,16 +275,54 @@ class FeedForward(nn.Module):
         return self.drop(self.down(h))
 
 
-class Block(nn.Module):
-    """Pre-norm: x + f(norm(x)); post-norm: norm(x + f(x)) (notes 4.7)."""
+class MoE(nn.Module):
+    """Mixture-of-experts FFN (notes 8.8): a router sends each token to top_k of n_expert FeedForwards."""
 
     def __init__(self, cfg):
         super().__init__()
-        self.pre = cfg.norm_placement == "pre"
+        self.router = nn.Linear(cfg.n_embd, cfg.n_expert, bias=cfg.bias)              # W_r, b_r
+        self.experts = nn.ModuleList(FeedForward(cfg) for _ in range(cfg.n_expert))
+        self.top_k, self.alpha, self.aux_coef = cfg.expert_top_k, cfg.expert_capacity, cfg.moe_aux_coef
+
+    def forward(self, x):
+        B, T, C = x.shape
+        E, N = len(self.experts), B * T
+        x = x.reshape(N, C)
+        probs = F.softmax(self.router(x).float(), dim=-1)             # P = softmax(R): (N, E), steps (i)-(ii)
+        top_p, top_e = probs.topk(self.top_k, dim=-1)                 # the top-k experts T_k: (N, k), (iii)
+        gate = top_p / top_p.sum(-1, keepdim=True)                    # renormalised P~ on them
+        # Capacity C_e = floor(alpha B L / E), in training only: at inference every token reaches its
+        # experts, so its output does not depend on the rest of the batch or on how it is fed (KV cache).
+        cap = math.floor(self.alpha * N / E) if self.training and self.alpha else N
+        out, kept = torch.zeros_like(x), 0
+        for e, expert in enumerate(self.experts):
+            tok, slot = (top_e == e).nonzero(as_tuple=True)           # dispatch: X_e, in token order (iv)
+            tok, slot = tok[:cap], slot[:cap]                         # tokens past C_e are dropped: zero output
+            y = gate[tok, slot, None] * expert(x[tok])                # diag(g_e) FFN_e(X_e), (v)-(vi)
+            out.index_add_(0, tok, y.to(out.dtype))                   # combine: back to token order
+            kept += len(tok)
+        f = F.one_hot(top_e, E).sum(1).float().mean(0)                # f_e = N_e / BL (sums to k)
+        self.aux_loss = E * (f * probs.mean(0)).sum()                 # L_aux = E sum_e f_e m_e (Switch)
+        self.load, self.dropped = f, 1 - kept / (N * self.top_k)
+        return out.view(B, T, C)
+
+
+class Block(nn.Module):
+    """Pre-norm: x + f(norm(x)); post-norm: norm(x + f(x)) (notes 4.7); parallel:
+    x + (attn(norm(x)) + ffn(norm(x))) / sqrt(2), one norm (notes 8.9, the 1/sqrt(2) keeps the variance
+    of the sum of the two branches that of one)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.pre, self.parallel = cfg.norm_placement == "pre", cfg.parallel_block
         self.norm1, self.attn = make_norm(cfg), Attention(cfg)
-        self.norm2, self.ffn = make_norm(cfg), FeedForward(cfg)
+        self.norm2 = None if cfg.parallel_block else make_norm(cfg)
+        self.ffn = MoE(cfg) if cfg.n_expert else FeedForward(cfg)
 
     def forward(self, x, rope, mask, cache):
+        if self.parallel:
+            h = self.norm1(x)
+            return x + (self.attn(h, rope, mask, cache) + self.ffn(h)) / math.sqrt(2)
         if self.pre:
             x = x + self.attn(self.norm1(x), rope, mask, cache)
             return x + self.ffn(self.norm2(x))
@@ -270,7 +366,9 @@ class GPT(nn.Module):
         """idx: (B, T) token ids. attn_mask: (B, T), 1 for real tokens and 0 for (left) padding.
         cache: a KVCache to append to (generation). Returns logits (B, T, vocab) or (B, 1, vocab)."""
         x = self.hidden(idx, attn_mask, cache)                                       # (B, T, C)
-        return self.lm_head(x[:, -1:] if last_only else x)                           # (B, T, vocab)
+        logits = self.lm_head(x[:, -1:] if last_only else x)                         # (B, T, vocab)
+        # notes 3.1: with RMS(x) = 1 and weights of variance s^2, Var(logit) ~ n_embd s^2; / sqrt(n_embd): s^2
+        return logits / math.sqrt(self.cfg.n_embd) if self.cfg.logit_scale else logits
 
     def hidden(self, idx, attn_mask=None, cache=None):
         """The final hidden states (B, T, n_embd) that the LM head (or reward.py's scalar head) reads."""
@@ -291,6 +389,8 @@ class GPT(nn.Module):
             mask = cache.advance(T, attn_mask)  # (B, 1, T, Tk) or None
         elif attn_mask is not None and not bool(attn_mask.all()):
             mask = padding_mask(attn_mask.bool(), T)
+        if self.cfg.prefix_lm:
+            mask = prefix_lm_mask(idx, start) if mask is None else mask & prefix_lm_mask(idx, start)
         x = self.wte(idx)                                                            # (B, T, C)
         rope = None
         if self.wpe is not None:
@@ -314,10 +414,49 @@ def padding_mask(key_valid, Tq):
     return (key_valid[:, None, None, :] | self_key)  # causality is added by attention()
 
 
+def prefix_lm_mask(idx, start=0):
+    """(B, 1, T, start + T) bool, True = may attend, for the prefix LM (notes 8.4): the prefix is every
+    position up to and including the row's first SEP (none: no prefix). Prefix queries see the whole
+    prefix and nothing after it, the others see the prefix and their own past: query i sees key j iff
+    j <= max(i, m), m the SEP's position. With a KV cache the prefix must lie in the first call (the
+    prefill, start = 0); later calls are causal (a SEP generated while decoding does not open a prefix)."""
+    B, T = idx.shape
+    sep = (idx == SEP) & (start == 0)
+    m = torch.where(sep.any(1), sep.long().argmax(1), -1)                          # (B,) first SEP or -1
+    i = torch.arange(start, start + T, device=idx.device)                          # query positions
+    j = torch.arange(start + T, device=idx.device)                                 # key positions
+    return (j <= torch.maximum(i[:, None], m[:, None, None]))[:, None]             # (B, 1, T, Tk)
+
+
 def lm_loss(logits, targets, ignore_index=-1):
     """Mean cross-entropy of the next-token predictions (notes 10.1, eq. CLM); targets already shifted."""
     return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
                            ignore_index=ignore_index)
+
+
+def moe_stats(model):
+    """The routing of the last forward of a MoE model ({} for a dense one), as floats (notes 8.8): moe_aux,
+    L_aux per layer (= k at a uniform router); expert_load, the busiest expert's share f_e of the tokens
+    (mean over layers; balanced = k / n_expert); in training expert_dropped, the share of the token-expert
+    assignments dropped by the capacity."""
+    moe = [m for m in model.modules() if isinstance(m, MoE)]
+    if not moe:
+        return {}
+    stats = {"moe_aux": sum(m.aux_loss.item() for m in moe) / len(moe),
+             "expert_load": sum(m.load.max().item() for m in moe) / len(moe)}
+    if model.training:
+        stats["expert_dropped"] = sum(m.dropped for m in moe) / len(moe)
+    return stats
+
+
+def add_moe_loss(model, loss, stats):
+    """L_total = L_task + lambda sum_layers L_aux (notes 8.8) over the MoE layers anywhere in `model` (their
+    last forward), and moe_stats added to stats; unchanged if dense. train() applies it after every
+    loss_fn, so every stage (SFT, reward model, PPO's critic, ...) keeps its experts balanced."""
+    moe = [m for m in model.modules() if isinstance(m, MoE)]
+    if not moe:
+        return loss, stats
+    return loss + sum(m.aux_coef * m.aux_loss for m in moe), {**stats, **moe_stats(model)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -336,6 +475,25 @@ class LayerCache:
         return self.k[:, :, :start + T], self.v[:, :, :start + T]  # views, no copy
 
 
+class LinearCache:
+    """Linear attention's cache of one layer (notes 4.10): instead of the keys and values, the running sums
+    S_V = sum_j v_j phi(k_j)^T (B, n_kv_head, hd, hd) and S_K = sum_j phi(k_j) (B, n_kv_head, 1, hd) over the
+    real tokens so far, in fp32: constant memory and O(1) work per new token, the point of linear attention.
+    Decoding with them computes the same sums as the full forward (the recurrent form of linear_attention)."""
+
+    def __init__(self, cache, batch_size, cfg, device):
+        self.cache = cache
+        self.s_v = torch.zeros(batch_size, cfg.n_kv_head, cfg.head_dim, cfg.head_dim, device=device)
+        self.s_k = torch.zeros(batch_size, cfg.n_kv_head, 1, cfg.head_dim, device=device)
+
+    def update(self, k, v):
+        """Add this call's tokens, padding excluded: S_V += sum_j v_j phi(k_j)^T, S_K += sum_j phi(k_j)."""
+        start = self.cache.length
+        fk = phi(k) * self.cache.key_valid[:, None, start:start + k.shape[2], None]    # (B, n_kv_head, T, hd)
+        self.s_v += v.float().transpose(-2, -1) @ fk
+        self.s_k += fk.sum(2, keepdim=True)
+
+
 class KVCache:
     """The static cache of all layers, plus which cached positions are real tokens (left padding)."""
 
@@ -343,7 +501,8 @@ class KVCache:
         if max_len > cfg.block_size:
             raise UserError(f"{max_len} tokens do not fit the context block_size={cfg.block_size}")
         shape = (batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
-        self.layers = [LayerCache(self, torch.zeros(shape, device=device, dtype=dtype),
+        self.layers = [LinearCache(self, batch_size, cfg, device) if cfg.attention == "linear" else
+                       LayerCache(self, torch.zeros(shape, device=device, dtype=dtype),
                                   torch.zeros(shape, device=device, dtype=dtype)) for _ in range(cfg.n_layer)]
         self.length = 0                                                                   # filled positions
         self.key_valid = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)
@@ -362,7 +521,7 @@ class KVCache:
         return padding_mask(self.key_valid[:, :end], T) if self.padded else None
 
     def nbytes(self):
-        return sum(c.k.numel() * c.k.element_size() * 2 for c in self.layers)
+        return sum(t.numel() * t.element_size() for c in self.layers for t in vars(c).values() if torch.is_tensor(t))
 
 
 def logprobs_from_logits(logits, temperature=1.0):
@@ -454,11 +613,17 @@ def sequence_logprobs(model, idx, target_mask, attn_mask=None, temperature=1.0):
     idx, target_mask, attn_mask: (B, T). Logits at position t-1 predict token t (the shift of
     notes 10.1), so position 0 is never a target. Returns (per_token (B, T), zero where not a
     target; total (B,)). SFT, DPO, PPO and GPRO all score responses with this function."""
-    logits = model(idx, attn_mask=attn_mask)                                       # (B, T, V)
-    logp = logprobs_from_logits(logits[:, :-1], temperature)                       # (B, T-1, V)
-    tok = logp.gather(-1, idx[:, 1:, None]).squeeze(-1)                            # (B, T-1)
-    tok = torch.cat([torch.zeros_like(tok[:, :1]), tok], 1).masked_fill(target_mask == 0, 0.0)
+    tok, _ = shifted_logprobs(model(idx, attn_mask=attn_mask), idx, target_mask, temperature)
     return tok, tok.sum(-1)
+
+
+def shifted_logprobs(logits, idx, target_mask, temperature=1.0):
+    """From logits (B, T, V): the per-token log p(x_t | x_<t) (B, T), zero where target_mask is 0, and
+    the whole distribution each position is drawn from, log pi(. | x_<t) (B, T, N_TOKENS), row 0 zeros
+    (nothing predicts position 0). PPO takes its entropy and exact per-token KL from the latter."""
+    logp = logprobs_from_logits(logits[:, :-1], temperature)                       # (B, T-1, N)
+    logp = torch.cat([torch.zeros_like(logp[:, :1]), logp], 1)                     # (B, T, N), aligned with idx
+    return logp.gather(-1, idx[..., None]).squeeze(-1).masked_fill(target_mask == 0, 0.0), logp
 
 
 # ----------------------------------------------------------------------------------------------
@@ -630,10 +795,14 @@ def lr_at(step, cfg):
 
 
 def make_optimizer(model, cfg, device):
-    """AdamW; weight decay on matrices (dim >= 2) only, never on norms, biases or gains."""
+    """AdamW; weight decay on matrices (dim >= 2) only, never on norms, biases or gains. A parameter
+    with an `lr_scale` attribute learns at that multiple of the schedule (ppo.py's critic)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    groups = []
+    for scale in sorted({getattr(p, "lr_scale", 1.0) for p in params}):
+        mine = [p for p in params if getattr(p, "lr_scale", 1.0) == scale]
+        groups += [{"params": [p for p in mine if p.dim() >= 2], "weight_decay": cfg.weight_decay, "lr_scale": scale},
+                   {"params": [p for p in mine if p.dim() < 2], "weight_decay": 0.0, "lr_scale": scale}]
     fused = torch.device(device).type == "cuda"
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
 
@@ -687,9 +856,14 @@ def device_peak_flops(device):
 
 def flops_per_token(model, T):
     """6 N (forward + backward through every weight; the tied embedding is the output head's matmul)
-    plus 12 n_layer n_embd T for attention's scores and mixing (PaLM's estimate)."""
+    plus 12 n_layer n_embd T for attention's scores and mixing (PaLM's estimate). With MoE, N counts the
+    top_k experts a token runs through, not all n_expert. Linear attention's parallel form costs the same."""
     cfg = model.cfg
-    return 6 * sum(p.numel() for p in model.parameters()) + 12 * cfg.n_layer * cfg.n_embd * T
+    n = sum(p.numel() for p in model.parameters())
+    if cfg.n_expert:
+        n -= cfg.n_layer * (cfg.n_expert - cfg.expert_top_k) * sum(
+            p.numel() for p in model.blocks[0].ffn.experts[0].parameters())
+    return 6 * n + 12 * cfg.n_layer * cfg.n_embd * T
 
 
 def train(model, cfg, get_batch, loss_fn, evaluate=None, ckpt_path=None, ckpt_extra=None, desc="train"):
@@ -747,13 +921,13 @@ def train(model, cfg, get_batch, loss_fn, evaluate=None, ckpt_path=None, ckpt_ex
     for step in bar:
         t_step = time.perf_counter()
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg)
+            group["lr"] = lr_at(step, cfg) * group.get("lr_scale", 1.0)
         loss_sum, stats_sum = 0.0, {}
         for micro in range(cfg.grad_accum):
             batch = get_batch(step * cfg.grad_accum + micro)
             sync = dist.world == 1 or micro == cfg.grad_accum - 1  # DDP all-reduces on the last micro-batch
             with (contextlib.nullcontext() if sync else net.no_sync()), autocast(device, cfg.dtype):
-                loss, stats = loss_fn(net, batch)
+                loss, stats = add_moe_loss(model, *loss_fn(net, batch))
             scaler.scale(loss / cfg.grad_accum).backward()
             loss_sum += loss.item() / cfg.grad_accum
             for k, v in stats.items():
@@ -876,9 +1050,14 @@ def pretrain(model_cfg, train_cfg, data_cfg):
         return lm_loss(net(x), y), {"tokens": x.numel()}
 
     def evaluate(m):
-        losses = [loss_fn(m, get_val(i))[0].item() for i in range(train_cfg.eval_batches)]
+        losses, routing = [], {}
+        for i in range(train_cfg.eval_batches):
+            x, y = (t.to(next(m.parameters()).device) for t in get_val(i))
+            losses.append(lm_loss(m(x), y).item())
+            for k, v in moe_stats(m).items():
+                routing[k] = routing.get(k, 0.0) + v / train_cfg.eval_batches
         val_loss = sum(losses) / len(losses)
-        return {"val_loss": val_loss, "val_bpb": val_loss / math.log(2)}  # one token = one byte
+        return {"val_loss": val_loss, "val_bpb": val_loss / math.log(2), **routing}  # one token = one byte
 
     ckpt = os.path.join(train_cfg.out_dir, "gpt.pt")
     result = train(model, train_cfg, get_train, loss_fn, evaluate, ckpt, desc="pretrain")
@@ -939,6 +1118,9 @@ def main(argv=None):
             ("train seconds", m["train_seconds"]), ("wall seconds", m["wall_seconds"])]
     if "mfu" in m:
         rows.append(("MFU", f"{m['mfu']:.1%} of {m['device_name']}"))
+    if model_cfg.n_expert:
+        rows += [("busiest expert's share", f"{m['expert_load']:.3f} (balanced: "
+                  f"{model_cfg.expert_top_k / model_cfg.n_expert:.3f})"), ("load-balancing loss", m["moe_aux"])]
     print_table("pretraining", rows)
     torch.manual_seed(train_cfg.seed)
     prompt = encode("def ", bos=True)

@@ -22,6 +22,11 @@ Paths (environment variable ATTN_IMPL = auto | triton | sdpa | reference; the ch
 (an explicit mask, dropout), which still goes to SDPA.
 `python kernels.py` checks the kernel against the reference (in Triton's CPU interpreter when there
 is no GPU) and, on a GPU, benchmarks it against SDPA's flash backend and the naive implementation.
+
+FP8 (notes 7): `to_fp8` / `from_fp8` cast to float8 e4m3 or e5m2 and back with a per-tensor or
+per-channel scale S = fp8 max / amax, and `fp8_matmul` computes X W^T as FP8GEMM(X S_X, W S_W) / (S_X S_W),
+on the FP8 tensor cores (torch._scaled_mm) where the GPU has them, emulated elsewhere.
+`python kernels.py --fp8` prints the error of per-tensor against per-channel scaling on loud and quiet rows.
 """
 import math
 import os
@@ -379,10 +384,10 @@ def select_path(q, k, v, causal=True, mask=None, dropout_p=0.0):
     return ("sdpa", why_not) if why_not else ("triton", "auto")
 
 
-def _announce(name, reason):
-    if name not in _announced:
-        _announced.add(name)
-        print(f"[kernels] attention path: {name} ({reason})")
+def _announce(name, reason, what="attention"):
+    if (what, name) not in _announced:
+        _announced.add((what, name))
+        print(f"[kernels] {what} path: {name} ({reason})")
 
 
 def attention(q, k, v, causal=True, mask=None, scale=None, dropout_p=0.0):
@@ -397,6 +402,105 @@ def attention(q, k, v, causal=True, mask=None, scale=None, dropout_p=0.0):
 
 
 # ----------------------------------------------------------------------------------------------
+# FP8 scaled casts and the scaled matmul (notes 7, "FP8-E4M3, FP8-E5M2" and the fully connected example).
+# FP8's range is so narrow that a tensor is first multiplied by S = fp8 max / amax, so its largest
+# magnitude lands on the format's largest finite value, and S (fp32) is kept beside it to undo the
+# scaling afterwards: x_scaled = x S, y = y_scaled S^-1. Per tensor: one S. Per channel: one S per row
+# (the last dimension reduced): per output channel of a weight W (d_out, d_in), per token of X (n, d_in).
+# Within the normal range, rounding to the nearest of 1 + m mantissa bits errs by at most 2^-(m+1)
+# relatively: 2^-4 for e4m3, 2^-3 for e5m2 (half the ULP@1 of notes Table 4).
+
+FP8_DTYPES = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+FP8_SCALINGS = ("none", "tensor", "channel")
+
+
+def fp8_scale(x, fmt="e4m3", scaling="tensor"):
+    """S = fp8 max / amax in fp32: shape () per tensor, (..., 1) per channel (one per row). S = 1 for
+    scaling "none", and where amax = 0 (an all-zero tensor or row stays zero instead of 0 * inf = NaN)."""
+    if scaling not in FP8_SCALINGS:
+        raise ValueError(f"scaling={scaling!r} is not one of {FP8_SCALINGS}")
+    if scaling == "none":
+        return torch.ones((), device=x.device)
+    amax = (x.abs().amax(-1, keepdim=True) if scaling == "channel" else x.abs().amax()).float()
+    return torch.where(amax > 0, torch.finfo(FP8_DTYPES[fmt]).max / amax, torch.ones_like(amax))
+
+
+def to_fp8(x, fmt="e4m3", scaling="tensor"):
+    """(x_fp8, S): x S rounded to the nearest float8 value. x S is clamped to the finite range first:
+    beyond it a cast gives NaN or inf, depending on the device (and S = 1 would overflow at 448 in e4m3)."""
+    dtype = FP8_DTYPES[fmt]
+    fmax = torch.finfo(dtype).max
+    s = fp8_scale(x, fmt, scaling)
+    return (x.float() * s).clamp(-fmax, fmax).to(dtype), s
+
+
+def from_fp8(x8, s):
+    """Back to fp32: x = x_fp8 S^-1."""
+    return x8.float() / s
+
+
+def fp8_gemm_unsupported(x, w):
+    """Why torch._scaled_mm cannot compute X W^T here ("" when it can)."""
+    if not (x.is_cuda and w.is_cuda):
+        return "no CUDA tensor"
+    if torch.cuda.get_device_capability(x.device) < (8, 9):
+        return "no FP8 tensor cores (compute capability < 8.9)"
+    if any(n % 16 for n in (*x.shape, w.shape[0])):
+        return f"sizes {tuple(x.shape)} x {tuple(w.shape)} are not all multiples of 16"
+    return ""
+
+
+def _scaled_mm(x8, sx, w8, sw):
+    """torch._scaled_mm with its conventions: it multiplies the product by the scales it is given, so it
+    takes the inverse scales S^-1; its second operand must be column-major (the transpose of a row-major
+    W is); per-tensor scales are fp32 scalars, row-wise ones (n, 1) and (1, d_out), and row-wise scaling
+    only promises a bf16 output (fp32 is refused on many builds)."""
+    rowwise = sx.dim() > 0
+    out = torch._scaled_mm(x8.contiguous(), w8.contiguous().t(), scale_a=(1.0 / sx).float(),
+                           scale_b=(1.0 / sw).float().t().contiguous(),
+                           out_dtype=torch.bfloat16 if rowwise else torch.float32)
+    return out.float()
+
+
+def fp8_matmul(x, w, fmt="e4m3", scaling="tensor"):
+    """O = X W^T through an FP8 GEMM, in fp32 (notes 7): O = FP8GEMM(X S_X, W S_W) / (S_X S_W).
+    x: (n, d_in) tokens, w: (d_out, d_in) -> (n, d_out). Per channel, S_X is (n, 1) and S_W (d_out, 1), and
+    O_ij is divided by S_X,i S_W,j: the outer product S_X S_W^T. On GPUs with FP8 tensor cores
+    (compute capability >= 8.9) the product is torch._scaled_mm; elsewhere, or when it refuses the call
+    (e5m2 x e5m2, for one), it is emulated: the same float8 values, multiplied in fp32."""
+    x8, sx = to_fp8(x, fmt, scaling)                               # (n, d_in) float8, S_X () or (n, 1)
+    w8, sw = to_fp8(w, fmt, scaling)                               # (d_out, d_in) float8, S_W () or (d_out, 1)
+    why_not = fp8_gemm_unsupported(x, w)
+    if not why_not:
+        try:
+            out = _scaled_mm(x8, sx, w8, sw)
+            _announce("torch._scaled_mm", "FP8 tensor cores", "FP8 matmul")
+            return out
+        except RuntimeError as e:
+            why_not = f"torch._scaled_mm refused it: {str(e).splitlines()[0]}"
+    _announce("emulated", why_not, "FP8 matmul")
+    return (x8.float() @ w8.float().t()) / (sx * sw.t())           # (n, d_out) / (n, d_out) scales
+
+
+def fp8_report(device, n=64, d_in=256, d_out=64, n_loud=4, ratios=(1e2, 1e3, 1e5, 1e9), seed=0):
+    """fp8_matmul against the fp32 X W^T when the first n_loud token rows of X are `ratio` times louder
+    than the others: the max relative error over all rows and over the quiet rows, per format and scaling."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    w = torch.randn(d_out, d_in, device=device, generator=g) / math.sqrt(d_in)
+    quiet = torch.randn(n, d_in, device=device, generator=g)
+    rows = []
+    for fmt in FP8_DTYPES:
+        for ratio in ratios:
+            x = quiet.clone()
+            x[:n_loud] *= ratio
+            ref = x @ w.t()                                         # (n, d_out) fp32
+            for scaling in FP8_SCALINGS:
+                o = fp8_matmul(x, w, fmt, scaling)
+                rows.append(dict(format=fmt, ratio=ratio, scaling=scaling, rel_err=rel_err(o, ref),
+                                 quiet_rel_err=rel_err(o[n_loud:], ref[n_loud:])))
+    return rows
+
+# ----------------------------------------------------------------------------------------------
 # python kernels.py: the correctness check everywhere, the benchmark on a GPU
 
 @dataclass
@@ -407,6 +511,8 @@ class KernelsConfig:
     seq_lens: str = field(default="512,1024,2048,4096,8192", metadata={"help": "benchmark sequence lengths"})
     head_dims: str = field(default="64,128", metadata={"help": "benchmark head dims"})
     out_dir: str = field(default="out", metadata={"help": "where kernels_metrics.json goes"})
+    fp8: bool = field(default=False, metadata={"help": "instead: the FP8 report (notes 7), per-tensor vs "
+                                                       "per-channel scaled matmul error, to kernels_fp8_metrics.json"})
 
 
 def rel_err(a, b):
@@ -491,6 +597,8 @@ def bench_decode(cfg, device, D=128, contexts=(1024, 4096, 16384)):
 def main(argv=None):
     from gpt import parse_args, print_table, write_metrics
     (cfg,) = parse_args([KernelsConfig()], argv, description="Triton flash attention: check and benchmark")
+    if cfg.fp8:
+        return fp8_main(cfg)
     if not HAS_TRITON:
         raise SystemExit("triton is not installed: there is no kernel to check (pip install triton)")
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -520,6 +628,25 @@ def main(argv=None):
         for r in metrics["decode"]:
             print(f"{r['Tk']:>6} {r['B']:>4} {r['triton_us']:>10.1f} {r['sdpa_us']:>8.1f}")
     write_metrics("kernels", metrics, cfg.out_dir)
+
+
+def fp8_main(cfg):
+    """python kernels.py --fp8: fp8_report's table, then out_dir/kernels_fp8_metrics.json."""
+    from gpt import print_table, write_metrics
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rows = fp8_report(device)
+    table = {}
+    for r in rows:
+        table.setdefault(f"{r['format']}, loud rows x{r['ratio']:.0e}", []).append(
+            f"{r['scaling']:>7} {r['rel_err']:.1e} / {r['quiet_rel_err']:.1e}")
+    print_table("FP8 matmul X W^T vs fp32, 4 of 64 token rows of X louder by a ratio: max relative error, "
+                "all rows / quiet rows (scaling none: S = 1, saturating)",
+                [(k, "   ".join(v)) for k, v in table.items()])
+    ranges = {fmt: torch.finfo(d).max / torch.finfo(d).tiny for fmt, d in FP8_DTYPES.items()}
+    print("\nper-tensor scaling loses the quiet rows once the ratio nears the format's normal range, max / smallest "
+          "normal: " + ", ".join(f"{fmt} {r:.1e}" for fmt, r in ranges.items()))
+    write_metrics("kernels_fp8", {"device": torch.cuda.get_device_name() if device == "cuda" else "CPU",
+                                  "rows": rows, "normal_range": ranges}, cfg.out_dir)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,9 @@ noisy labels more often than the noise ceiling, mean over pairs of max(P, 1 - P)
 the reward model's accuracy. dpo.py reuses this data code.
 
 Reward model: the SFT transformer with its LM head replaced by a scalar head W_r p + b_r on a pooled
-hidden state p (last non-pad token, mean over the response, or the <eos> token), trained with the
-Bradley-Terry, hinge, MSE or listwise loss. Saves out/reward.pt.
+hidden state p (last non-pad token, mean over the response, the <eos> token, or the mean of M learned
+latents that cross-attend to the whole sequence, notes 4.5-4.6), trained with the Bradley-Terry, hinge,
+MSE or listwise loss. Saves out/reward.pt.
 """
 import copy
 import dataclasses
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 import gpt
 import sft
 from gpt import EOS, UserError, arg
+from kernels import attention
 
 # ----------------------------------------------------------------------------------------------
 # 1. Preference data
@@ -112,25 +114,78 @@ def noise_ceiling(data, tau):
 
 @dataclass
 class RewardConfig:
-    pooling: str = arg("last", "last (last non-pad token) | mean (over the response) | eos (the <eos> token)")
+    pooling: str = arg("last", "last (last non-pad token) | mean (over the response) | eos (the <eos> token) | "
+                               "latent (M learned latents cross-attend to the sequence, notes 4.5-4.6)")
+    n_latents: int = arg(4, "latent vectors M for --pooling latent")
     loss: str = arg("bt", "bt (Bradley-Terry) | hinge | mse | listwise")
     margin: float = arg(1.0, "hinge margin m")
     target_gap: float = arg(2.0, "MSE target gap t")
 
     def __post_init__(self):
-        if self.pooling not in ("last", "mean", "eos"):
-            raise UserError(f"pooling={self.pooling!r} is not one of last, mean, eos")
+        if self.pooling not in ("last", "mean", "eos", "latent"):
+            raise UserError(f"pooling={self.pooling!r} is not one of last, mean, eos, latent")
+        if self.n_latents < 1:
+            raise UserError(f"n_latents must be >= 1, got {self.n_latents}")
         if self.loss not in ("bt", "hinge", "mse", "listwise"):
             raise UserError(f"loss={self.loss!r} is not one of bt, hinge, mse, listwise")
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of queries from z over keys and values from x (notes 4.5, eq. 9-11):
+    Q = Z W_q, K = X W_k, V = X W_v, A_h = softmax(Q_h K_h^T / sqrt(d_head)) V_h, heads concatenated and
+    mixed by W_O. No causal mask and no positions. With x = z it is self-attention."""
+
+    def __init__(self, cfg: gpt.GPTConfig):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+                                                              for _ in range(4))
+
+    def forward(self, z, x, key_valid=None):
+        """z: (B, M, C) queries, x: (B, L, C) keys and values, key_valid: (B, L), 0 for padding. -> (B, M, C)"""
+        (B, M, C), L, H = z.shape, x.shape[1], self.n_head
+        q = self.q_proj(z).view(B, M, H, C // H).transpose(1, 2)       # (B, H, M, hd)
+        k = self.k_proj(x).view(B, L, H, C // H).transpose(1, 2)       # (B, H, L, hd)
+        v = self.v_proj(x).view(B, L, H, C // H).transpose(1, 2)       # (B, H, L, hd)
+        mask = None if key_valid is None else key_valid.bool()[:, None, None, :]  # (B, 1, 1, L)
+        y = attention(q, k, v, causal=False, mask=mask)                # (B, H, M, hd), scores S_h: (B, H, M, L)
+        return self.o_proj(y.transpose(1, 2).reshape(B, M, C))
+
+
+class LatentBlock(nn.Module):
+    """Perceiver-style latent block (notes 4.6): M learned latents Z (1, M, C), shared across the batch,
+    read the sequence X (B, L, C), then exchange what they read, each step pre-norm with a residual:
+        z = z + CrossAttention(q <- z, k, v <- x)     "what should I learn from all of you tokens?"
+        z = z + SelfAttention(q, k, v <- z)
+        z = z + MLP(z)
+    The cross-attention scores are M x L, not L x L: the cost is linear in the sequence length.
+    Returns the mean of the latents (B, C)."""
+
+    def __init__(self, cfg: gpt.GPTConfig, n_latents):
+        super().__init__()
+        self.latents = nn.Parameter(0.02 * torch.randn(1, n_latents, cfg.n_embd))  # Z
+        self.norm_cross, self.norm_self, self.norm_mlp, self.norm_out = (gpt.make_norm(cfg) for _ in range(4))
+        self.cross, self.self_attn, self.mlp = CrossAttention(cfg), CrossAttention(cfg), gpt.FeedForward(cfg)
+
+    def forward(self, x, key_valid):
+        """x: (B, L, C) the backbone's (already normalised) final hidden states; key_valid: (B, L)."""
+        z = self.latents.expand(x.shape[0], -1, -1)                    # (B, M, C)
+        z = z + self.cross(self.norm_cross(z), x, key_valid)           # (B, M, C), padding is never a key
+        h = self.norm_self(z)
+        z = z + self.self_attn(h, h)                                   # (B, M, C), scores (B, H, M, M)
+        z = z + self.mlp(self.norm_mlp(z))
+        return self.norm_out(z).mean(1)                                # (B, C)
 
 
 class RewardModel(nn.Module):
     """R_phi(x, y) = W_r p + b_r, p the pooled final hidden state of the transformer (notes 10.5)."""
 
-    def __init__(self, backbone: gpt.GPT, pooling="last"):
+    def __init__(self, backbone: gpt.GPT, pooling="last", n_latents=RewardConfig.n_latents):
         super().__init__()
         self.backbone, self.pooling, self.cfg = backbone, pooling, backbone.cfg
         backbone.lm_head = nn.Identity()  # headless (tied embeddings stay in wte)
+        if pooling == "latent":
+            self.latent = LatentBlock(backbone.cfg, n_latents)
         self.head = nn.Linear(backbone.cfg.n_embd, 1)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
@@ -139,7 +194,9 @@ class RewardModel(nn.Module):
         """ids, attn_mask, response_mask: (B, T); response_mask marks the response and its <eos>.
         Padding may be on either side. Returns rewards (B,)."""
         h = self.backbone.hidden(ids, attn_mask)                                 # (B, T, C)
-        if self.pooling == "mean":
+        if self.pooling == "latent":
+            p = self.latent(h, attn_mask)                                        # (B, C)
+        elif self.pooling == "mean":
             w = response_mask.to(h.dtype)
             p = (h * w[..., None]).sum(1) / w.sum(1, keepdim=True)              # (B, C)
         else:
@@ -197,7 +254,8 @@ def pearson(x, y):
 def load_reward_model(path, device="cpu"):
     ckpt = gpt.load_checkpoint(path)
     try:
-        rm = RewardModel(gpt.GPT(gpt.GPTConfig(**ckpt["config"])), ckpt["pooling"])
+        rm = RewardModel(gpt.GPT(gpt.GPTConfig(**ckpt["config"])), ckpt["pooling"],
+                         ckpt.get("n_latents", RewardConfig.n_latents))
         rm.load_state_dict(ckpt["model"])
     except (KeyError, TypeError, RuntimeError) as e:
         raise UserError(f"{path} is not a reward model of this version of reward.py ({str(e).splitlines()[0]}); "
@@ -229,7 +287,7 @@ def train_reward(task, pref, rcfg, train_cfg):
     eval_data = make_comparisons(policy, task, pref.n_eval, 2, pref.tau, pref.sample_temperature,
                                  train_cfg.seed + 1, heldout=True)
     ceiling = noise_ceiling(eval_data, pref.tau)
-    rm = RewardModel(copy.deepcopy(policy), rcfg.pooling)  # the SFT backbone; the policy stays intact
+    rm = RewardModel(copy.deepcopy(policy), rcfg.pooling, rcfg.n_latents)  # the SFT backbone; the policy intact
 
     def get_batch(i):
         rng = random.Random(train_cfg.seed * 1_000_003 + i)
@@ -251,7 +309,7 @@ def train_reward(task, pref, rcfg, train_cfg):
 
     path = os.path.join(train_cfg.out_dir, "reward.pt")
     result = gpt.train(rm, train_cfg, get_batch, loss_fn, evaluate, path, desc="reward",
-                       ckpt_extra={"pooling": rcfg.pooling})
+                       ckpt_extra={"pooling": rcfg.pooling, "n_latents": rcfg.n_latents})
     # Normalise: mean reward 0 on the SFT policy's own samples (the bias absorbs the shift; BT is
     # invariant to it, problem set 4.3(c)(i)), then correlation with r* on fresh samples.
     rm.eval()
@@ -265,7 +323,7 @@ def train_reward(task, pref, rcfg, train_cfg):
                   loss=rcfg.loss, pooling=rcfg.pooling)
     if gpt.rank() == 0:
         gpt.save_checkpoint(path, model=rm.state_dict(), config=dataclasses.asdict(rm.cfg), pooling=rcfg.pooling,
-                            step=train_cfg.max_steps, metrics=result)
+                            n_latents=rcfg.n_latents, step=train_cfg.max_steps, metrics=result)
     return rm, result
 
 

@@ -11,7 +11,11 @@ labeller of reward.py use, knows the right answer.
 Chat template: <bos> prompt <sep> response <eos>, right-padded with <pad> (distinct from <eos>).
 
 `python sft.py` fine-tunes out/gpt.pt (pretraining it first with gpt.py's defaults if missing)
-and saves out/sft.pt. `--lora_rank 8` trains a low-rank update instead of all weights.
+and saves out/sft.pt. Parameter-efficient fine-tuning (notes 10.4): `--lora_rank 8` trains a low-rank
+update instead of all weights, `--qlora` adds a frozen base stored in 4-bit NormalFloat, and
+`--adapter_dim 16` trains bottleneck adapters after each attention and FFN sublayer;
+with these the embedding rows of <sep> and <eos>, which pretraining never saw, train too
+(`--no-template_tokens` freezes them). `--prefix_lm` fine-tunes with a bidirectional prompt (notes 8.4).
 """
 import dataclasses
 import math
@@ -21,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import gpt
 from gpt import BOS, EOS, PAD, SEP, UserError, arg
@@ -189,12 +194,23 @@ def before_after_rows(m):
 
 
 # ----------------------------------------------------------------------------------------------
-# 2. LoRA (notes 10.4): W = W_0 + (alpha / r) B A, W_0 frozen, B = 0 at the start
+# 2. Parameter-efficient fine-tuning (notes 10.4): LoRA, QLoRA, adapters
+
+def linear_with(weight, bias):
+    """A plain nn.Linear holding copies of weight (d_out, d_in) and bias (or None)."""
+    out = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None).to(weight.device)
+    with torch.no_grad():
+        out.weight.copy_(weight)
+        if bias is not None:
+            out.bias.copy_(bias)
+    return out
+
 
 class LoRALinear(nn.Module):
-    """A frozen nn.Linear plus the low-rank update (alpha / r) B A, A: (r, d_in), B: (d_out, r)."""
+    """A frozen linear layer (nn.Linear, or NF4Linear for QLoRA) plus the low-rank update
+    (alpha / r) B A: W = W_0 + (alpha / r) B A (notes 10.4), A: (r, d_in), B: (d_out, r)."""
 
-    def __init__(self, base: nn.Linear, rank, alpha):
+    def __init__(self, base, rank, alpha):
         super().__init__()
         self.base = base
         self.base.requires_grad_(False)
@@ -205,37 +221,185 @@ class LoRALinear(nn.Module):
     def forward(self, x):
         return self.base(x) + (x @ self.A.t() @ self.B.t()) * self.scale
 
+    @torch.no_grad()
     def merged(self):
-        """The equivalent plain nn.Linear with W_0 + (alpha / r) B A: no added inference latency."""
-        out = nn.Linear(self.base.in_features, self.base.out_features, bias=self.base.bias is not None)
-        with torch.no_grad():
-            out.weight.copy_(self.base.weight + self.scale * self.B @ self.A)
-            if self.base.bias is not None:
-                out.bias.copy_(self.base.bias)
-        return out.to(self.base.weight.device)
+        """The equivalent plain nn.Linear with W_0 + (alpha / r) B A: no added inference latency.
+        Under QLoRA W_0 is the dequantised NF4 weight."""
+        return linear_with(self.base.weight + self.scale * self.B @ self.A, self.base.bias)
 
 
-def apply_lora(model, rank, alpha, targets="qv"):
+NF4_BLOCK, SCALE_BLOCK = 64, 256  # weights per absmax scale; scales per 8-bit second-level scale (QLoRA)
+
+
+def nf4_levels():
+    """The 16 levels of 4-bit NormalFloat (Dettmers et al. 2023, QLoRA, sec. 3): quantiles of N(0, 1)
+    normalised to [-1, 1], 8 on the positive side and 7 on the negative side plus an exact 0. The
+    outermost quantile is taken at p = delta = 1 - (1/30 + 1/32) / 2, not at p = 1 (infinite)."""
+    delta = 1 - (1 / 30 + 1 / 32) / 2
+    pos = torch.special.ndtri(torch.linspace(delta, 0.5, 9, dtype=torch.float64)[:-1])   # 8 quantiles > 0
+    neg = -torch.special.ndtri(torch.linspace(delta, 0.5, 8, dtype=torch.float64)[:-1])  # 7 quantiles < 0
+    levels = torch.cat([neg, torch.zeros(1, dtype=torch.float64), pos]).sort().values
+    return (levels / levels.max()).float()                                               # (16,) in [-1, 1]
+
+
+def blockwise(x, size):
+    """x flattened and zero-padded to whole blocks: (n_blocks, size)."""
+    x = x.flatten()
+    return F.pad(x, (0, -x.numel() % size)).view(-1, size)
+
+
+class NF4Linear(nn.Module):
+    """A frozen linear layer stored as QLoRA stores W_0 (notes 10.4): W_0 = s * W_0^quantized per
+    block of 64 weights, s the block's absmax and W_0^quantized one of the 16 NF4 levels (4 bits,
+    two codes per uint8). Double quantisation: the scales s, their mean subtracted, are stored in
+    8 bits with one fp32 absmax per block of 256 scales (the paper uses 8-bit floats, this uses int8
+    absmax, the same memory). `weight` dequantises on the fly in every forward."""
+
+    def __init__(self, base: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        w = base.weight.detach().float()
+        self.register_buffer("levels", nf4_levels().to(w.device), persistent=False)  # (16,)
+        blocks = blockwise(w, NF4_BLOCK)                                               # (n_blocks, 64)
+        absmax = blocks.abs().amax(1)                                                  # (n_blocks,) the scales s
+        mid = (self.levels[1:] + self.levels[:-1]) / 2                                 # nearest level = bucket
+        codes = torch.bucketize(blocks / absmax.clamp(min=1e-12)[:, None], mid).flatten().to(torch.uint8)
+        self.register_buffer("codes", codes[0::2] | codes[1::2] << 4)                  # (n_blocks * 32,) uint8
+        self.register_buffer("scale_mean", absmax.mean())                              # () fp32
+        centred = blockwise(absmax - self.scale_mean, SCALE_BLOCK)                     # (n_scale_blocks, 256)
+        self.register_buffer("scale_absmax", centred.abs().amax(1).clamp(min=1e-12))  # (n_scale_blocks,) fp32
+        q = torch.round(centred / self.scale_absmax[:, None] * 127).to(torch.int8)
+        self.register_buffer("scale_codes", q.flatten()[:absmax.numel()])              # (n_blocks,) int8
+        self.bias = base.bias
+        err = w - self.weight  # the quantisation error, kept as three sums for the report
+        self.error_sums = (err.pow(2).sum().item(), w.pow(2).sum().item(), err.abs().sum().item())
+
+    def scales(self):
+        """The block scales s after double quantisation: (n_blocks,)."""
+        step = self.scale_absmax.repeat_interleave(SCALE_BLOCK)[:self.scale_codes.numel()] / 127
+        return self.scale_codes.float() * step + self.scale_mean
+
+    @property
+    def weight(self):
+        """W_0 dequantised: level[code] * s, (out_features, in_features) fp32."""
+        codes = torch.stack([self.codes & 15, self.codes >> 4], 1).flatten().long()   # (n_blocks * 64,)
+        w = self.levels[codes].view(-1, NF4_BLOCK) * self.scales()[:, None]            # (n_blocks, 64)
+        return w.flatten()[:self.out_features * self.in_features].view(self.out_features, self.in_features)
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+    def nbytes(self):
+        """Bytes of the stored weight: 4-bit codes, 8-bit scales, fp32 second-level scales and mean."""
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scale_codes, self.scale_absmax,
+                                                          self.scale_mean))
+
+    def merged(self):
+        """A plain nn.Linear holding the dequantised weight."""
+        return linear_with(self.weight, self.bias)
+
+
+def apply_lora(model, rank, alpha, targets="qv", quantize=False):
     """Freeze the model and wrap the query and value projections (targets="qv", the notes' default)
-    or every linear layer of the blocks (targets="all") in LoRALinear. Returns the model."""
+    or every linear layer of the blocks (targets="all") in LoRALinear. quantize=True is QLoRA: every
+    linear layer of the blocks is first stored in NF4, LoRA (in fp32) on top. Returns the model."""
     model.requires_grad_(False)
     names = ("q_proj", "v_proj") if targets == "qv" else None
     for block in model.blocks:
         for parent in list(block.modules()):  # listed before any wrapping
             for name, child in list(parent.named_children()):
-                if isinstance(child, nn.Linear) and (names is None or name in names):
-                    setattr(parent, name, LoRALinear(child, rank, alpha))
+                if isinstance(child, nn.Linear):
+                    base = NF4Linear(child) if quantize else child
+                    setattr(parent, name, LoRALinear(base, rank, alpha) if names is None or name in names else base)
+    return model
+
+
+class TokenRows(nn.Module):
+    """A frozen token table, the input embedding (nn.Embedding) or the output head (nn.Linear), both
+    (vocab, C), plus trainable rows delta (k, C) for the tokens `ids`: W' = W + delta on those rows.
+    For the chat template's <sep> and <eos>, which pretraining never saw: frozen at their pretrained
+    values (<eos>'s logit pushed down everywhere, <sep> never trained) a frozen model cannot learn to
+    read or write them (as HF PEFT's trainable_token_indices). With tied embeddings the embedding and
+    the head share one delta, so they stay tied."""
+
+    def __init__(self, base, ids, delta=None):
+        super().__init__()
+        self.base = base
+        self.base.requires_grad_(False)
+        self.register_buffer("ids", torch.tensor(ids))
+        self.delta = delta if delta is not None else nn.Parameter(torch.zeros(len(ids), base.weight.shape[1]))
+
+    def forward(self, x):
+        out = self.base(x)
+        if isinstance(self.base, nn.Embedding):  # token ids (B, T) -> (B, T, C)
+            return out + (x[..., None] == self.ids).to(out.dtype) @ self.delta       # one-hot (B, T, k) @ (k, C)
+        return out.index_add(-1, self.ids, (x @ self.delta.t()).to(out.dtype))       # logits (B, T, vocab)
+
+    @torch.no_grad()
+    def merged(self):
+        """The base module with delta added into its table; delta is zeroed, so that a tied twin sharing
+        both the table and delta adds nothing more."""
+        self.base.weight.index_add_(0, self.ids, self.delta.to(self.base.weight.dtype))
+        self.delta.zero_()
+        return self.base
+
+
+def train_template_tokens(model, ids=(SEP, EOS)):
+    """Make the rows of `ids` in the (frozen) input embedding and output head trainable. Returns the model."""
+    model.wte = TokenRows(model.wte, ids)
+    model.lm_head = TokenRows(model.lm_head, ids, model.wte.delta if model.cfg.tie_embeddings else None)
     return model
 
 
 def merge_lora(model):
-    """Replace every LoRALinear by its merged nn.Linear; the model is a plain GPT again."""
+    """Replace every LoRALinear by its merged nn.Linear, every NF4Linear by its dequantised one and every
+    TokenRows by its updated table: all exact. Without adapters the model is a plain GPT again (after
+    QLoRA: the dequantised base plus the LoRA update)."""
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, LoRALinear):
+            if isinstance(child, (LoRALinear, NF4Linear, TokenRows)):
                 setattr(parent, name, child.merged())
     model.requires_grad_(True)
     return model
+
+
+class Adapter(nn.Module):
+    """Adapter(h) = h + W_up act(W_down h) (notes 10.4) on the output h (B, T, d_model) of a frozen
+    sublayer, W_down: (dim, d_model), W_up: (d_model, dim). W_up = 0 at the start: the identity."""
+
+    def __init__(self, sublayer, d_model, dim):
+        super().__init__()
+        self.sublayer = sublayer
+        self.down = nn.Linear(d_model, dim)
+        self.up = nn.Linear(dim, d_model)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, *args):
+        h = self.sublayer(*args)                   # (B, T, d_model)
+        return h + self.up(F.gelu(self.down(h)))   # (B, T, dim) in the bottleneck
+
+
+def apply_adapters(model, dim):
+    """Freeze the model and insert an adapter after the attention and after the FFN of every block
+    (on the sublayer's output, before the residual add, where Houlsby et al. 2019 put them). Only
+    the adapters train. Returns the model."""
+    model.requires_grad_(False)
+    for block in model.blocks:
+        block.attn = Adapter(block.attn, model.cfg.n_embd, dim)
+        block.ffn = Adapter(block.ffn, model.cfg.n_embd, dim)
+    return model
+
+
+def load_adapter_model(path, device="cpu"):
+    """The model `python sft.py --adapter_dim N` saves (out_dir/sft_adapter.pt): the GPT rebuilt with its
+    adapters, which cannot be merged into the weights. Returns (model, checkpoint dict)."""
+    ckpt = gpt.load_checkpoint(path)
+    if "adapter_dim" not in ckpt:
+        raise UserError(f"{path} holds no adapters: load it with gpt.load_model")
+    model = apply_adapters(gpt.GPT(gpt.GPTConfig(**ckpt["config"])), ckpt["adapter_dim"])
+    model.load_state_dict(ckpt["model"])
+    return model.to(device), ckpt
 
 
 # ----------------------------------------------------------------------------------------------
@@ -247,12 +411,34 @@ class SFTConfig:
     lora_rank: int = arg(0, "LoRA rank r (0 = fine-tune all weights)")
     lora_alpha: float = arg(16.0, "LoRA scaling alpha: the update is (alpha / r) B A")
     lora_targets: str = arg("qv", "qv (query and value projections) | all (every linear layer)")
+    qlora: bool = arg(False, "QLoRA: the frozen linear weights of the blocks in 4-bit NF4 (needs --lora_rank)")
+    adapter_dim: int = arg(0, "adapter bottleneck width (0 = off); saved as out_dir/sft_adapter.pt, not sft.pt")
+    template_tokens: bool = arg(True, "with LoRA, QLoRA or adapters, also train the embedding rows of <sep> and "
+                                      "<eos>, which pretraining never saw (without them a frozen model barely learns)")
+    prefix_lm: bool = arg(False, "fine-tune as a prefix LM: the prompt up to and including <sep> attends "
+                                 "bidirectionally (notes 8.4); recorded in the checkpoint's config")
 
     def __post_init__(self):
         if self.lora_rank < 0:
             raise UserError(f"lora_rank must be >= 0, got {self.lora_rank}")
         if self.lora_targets not in ("qv", "all"):
             raise UserError(f"lora_targets={self.lora_targets!r} is not one of qv, all")
+        if self.qlora and not self.lora_rank:
+            raise UserError("--qlora trains LoRA on a 4-bit base: give it a rank, e.g. --lora_rank 16")
+        if self.adapter_dim < 0:
+            raise UserError(f"adapter_dim must be >= 0, got {self.adapter_dim}")
+        if self.adapter_dim and self.lora_rank:
+            raise UserError("choose one parameter-efficient method: --adapter_dim or --lora_rank, not both")
+
+    def method(self):
+        """A short description of what trains."""
+        tokens = " + <sep>, <eos> rows" if self.template_tokens else ""  # full fine-tuning trains them anyway
+        if self.adapter_dim:
+            return f"adapters of width {self.adapter_dim} after each attention and FFN{tokens}"
+        if self.lora_rank:
+            return (f"{'QLoRA (NF4 base)' if self.qlora else 'LoRA'} r={self.lora_rank} alpha={self.lora_alpha} "
+                    f"on {self.lora_targets}{tokens}")
+        return "full fine-tuning"
 
 
 def sft_loss(model, ids, target):
@@ -271,15 +457,41 @@ def sft_batches(task, batch_size, seed):
     return get_batch
 
 
-def finetune(model, task, sft_cfg, train_cfg, ckpt_name="sft.pt"):
-    """Prompt-masked SFT of `model` (optionally with LoRA); saves out_dir/<ckpt_name> with the LoRA
-    update merged, so later stages load a plain GPT. Returns (model, metrics)."""
+def apply_peft(model, sft_cfg):
+    """Wrap `model` for the configured method (notes 10.4) and return what it costs: trainable
+    parameters, the bytes holding the blocks' linear weights as stored and in fp32 (NF4 codes and
+    scales under QLoRA) and, under QLoRA, the quantisation error ||W - deq(W)||_F / ||W||_F and
+    mean |W - deq(W)| over those weights."""
+    params = sum(p.numel() for p in model.parameters())
+    n_linear = sum(m.weight.numel() for m in model.blocks.modules() if isinstance(m, nn.Linear))
     if sft_cfg.lora_rank:
-        apply_lora(model, sft_cfg.lora_rank, sft_cfg.lora_alpha, sft_cfg.lora_targets)
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in model.parameters())
-        print(f"LoRA r={sft_cfg.lora_rank} alpha={sft_cfg.lora_alpha} on {sft_cfg.lora_targets}: "
-              f"{trainable:,} trainable of {total:,} parameters ({trainable / total:.2%})")
+        apply_lora(model, sft_cfg.lora_rank, sft_cfg.lora_alpha, sft_cfg.lora_targets, sft_cfg.qlora)
+    elif sft_cfg.adapter_dim:
+        apply_adapters(model, sft_cfg.adapter_dim)
+    if sft_cfg.template_tokens and (sft_cfg.lora_rank or sft_cfg.adapter_dim):
+        train_template_tokens(model)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"{sft_cfg.method()}: {trainable:,} trainable of {params:,} parameters ({trainable / params:.2%})")
+    nf4 = [m for m in model.modules() if isinstance(m, NF4Linear)]
+    stored = sum(m.nbytes() for m in nf4) if nf4 else 4 * n_linear
+    stats = {"method": sft_cfg.method(), "trainable_params": trainable, "linear_weight_bytes": stored,
+             "linear_weight_bytes_fp32": 4 * n_linear, "linear_weight_bits": 8 * stored / n_linear}
+    if nf4:
+        sq_err, sq_norm, abs_err = (sum(s) for s in zip(*(m.error_sums for m in nf4)))
+        stats["nf4_relative_error"] = math.sqrt(sq_err / sq_norm)
+        stats["nf4_mean_abs_error"] = abs_err / n_linear
+    return stats
+
+
+def finetune(model, task, sft_cfg, train_cfg, ckpt_name="sft.pt"):
+    """Prompt-masked SFT of `model`, of all its weights or parameter-efficient (notes 10.4). LoRA (and
+    the template tokens' rows) are merged into the weights (after QLoRA: the dequantised NF4 base plus
+    the LoRA update) and saved as out_dir/<ckpt_name>, a plain GPT for the later stages. Adapters
+    cannot be merged (the bottleneck is nonlinear): they are saved as out_dir/<name>_adapter.pt (read
+    it with load_adapter_model) and out_dir/<ckpt_name> is left as it was. Returns (model, metrics)."""
+    if sft_cfg.prefix_lm:  # the pretrained model is causal; every module reads this one config object
+        model.cfg.prefix_lm = True
+    stats = apply_peft(model, sft_cfg)
     rank = gpt.rank()
     get_batch = sft_batches(task, train_cfg.batch_size, train_cfg.seed + 7919 * rank)
     held = heldout_prompts(task)
@@ -293,13 +505,21 @@ def finetune(model, task, sft_cfg, train_cfg, ckpt_name="sft.pt"):
         ids, target = (t.to(next(m.parameters()).device) for t in held_batch)
         return {"loss": sft_loss(m, ids, target).item(), **evaluate_policy(m, task, held)}
 
-    path = os.path.join(train_cfg.out_dir, ckpt_name)
-    result = gpt.train(model, train_cfg, get_batch, loss_fn, evaluate, path, desc="sft")
-    if sft_cfg.lora_rank:
-        merge_lora(model)
+    name = ckpt_name.replace(".pt", "_adapter.pt") if sft_cfg.adapter_dim else ckpt_name
+    path = os.path.join(train_cfg.out_dir, name)
+    extra = {"adapter_dim": sft_cfg.adapter_dim} if sft_cfg.adapter_dim else None
+    result = gpt.train(model, train_cfg, get_batch, loss_fn, evaluate, path, ckpt_extra=extra, desc="sft")
+    result = {**result, **stats, "checkpoint": path}
+    if sft_cfg.lora_rank or sft_cfg.adapter_dim:
+        merge_lora(model)  # LoRA, NF4 and the token rows merge exactly; adapters stay
         if rank == 0:
             gpt.save_checkpoint(path, model=model.state_dict(), config=dataclasses.asdict(model.cfg),
-                                step=train_cfg.max_steps, metrics=result)
+                                step=train_cfg.max_steps, metrics=result, **(extra or {}))
+            print(f"saved {path}: " + (
+                "adapters cannot be merged into the weights (the bottleneck is nonlinear), read it with "
+                f"sft.load_adapter_model; {ckpt_name}, where the later stages start, is unchanged"
+                if sft_cfg.adapter_dim else
+                f"a plain GPT, the LoRA update merged into the {'dequantised NF4 ' if sft_cfg.qlora else ''}weights"))
     return model, result
 
 
@@ -332,7 +552,8 @@ def load_sft_policy(train_cfg, device):
 
 
 def main(argv=None):
-    task, sft_cfg, train_cfg = gpt.parse_args(list(sft_defaults()), argv, description="prompt-masked SFT with LoRA")
+    task, sft_cfg, train_cfg = gpt.parse_args(list(sft_defaults()), argv,
+                                              description="prompt-masked SFT, full or with LoRA, QLoRA or adapters")
     model, m = train_sft(task, sft_cfg, train_cfg)
     if gpt.rank() != 0:
         return
@@ -340,7 +561,12 @@ def main(argv=None):
         ("exact match, greedy", f"{m['before']['accuracy']:.1%} -> {m['accuracy']:.1%}"),
         ("exact match, sampled (T=1)", f"{m['before']['sample_accuracy']:.1%} -> {m['sample_accuracy']:.1%}"),
         ("true reward r*, sampled", f"{m['before']['true_reward']:.3f} -> {m['true_reward']:.3f}"),
-        ("loss on the correct answers", m["loss"]), ("train seconds", m["train_seconds"])])
+        ("loss on the correct answers", m["loss"]), ("train seconds", m["train_seconds"]),
+        ("method", m["method"]), ("trainable parameters", f"{m['trainable_params']:,}"),
+        ("blocks' linear weights", f"{m['linear_weight_bytes']:,} bytes ({m['linear_weight_bits']:.3g} bits/weight; "
+                                   f"fp32: {m['linear_weight_bytes_fp32']:,})"),
+        *([("NF4 error: rel. Frobenius, mean abs", f"{m['nf4_relative_error']:.4f}, {m['nf4_mean_abs_error']:.2e}")]
+          if "nf4_relative_error" in m else [])])
     (a, b), = sample_prompts(task, 1, random.Random(1), heldout=True)
     out = gpt.generate(model, [prompt_tokens(a, b)], task.digits + 3, temperature=0)[0]
     print(f"\nsample: {prompt_text(a, b)} -> {response_text(out)} (correct: {answer(a, b)})")
