@@ -72,7 +72,8 @@ class GPROConfig:
     algo: str = arg("gpro", "gpro (weighted likelihood, notes 10.9) | grpo (group advantages, clipped ratio, k3 KL)")
     k: int = arg(8, "responses sampled per prompt")
     beta: float = arg(0.1, "gpro: weight temperature beta; grpo: KL coefficient")
-    reward: str = arg("true", "true (the task's r*) | rm (out_dir/reward.pt, trained by reward.py if missing)")
+    reward: str = arg("true", "true (the task's r*, partial credit) | exact (1 if correct else 0) | "
+                              "rm (out_dir/reward.pt, trained by reward.py if missing)")
     online: bool = arg(False, "gpro: sample from the current policy instead of the reference (repeated tilting)")
     std_norm: bool = arg(True, "grpo: divide the advantages by the group's std")
     clip_eps: float = arg(0.2, "grpo: ratio clip epsilon")
@@ -81,8 +82,8 @@ class GPROConfig:
     def __post_init__(self):
         if self.algo not in ("gpro", "grpo"):
             raise UserError(f"algo={self.algo!r} is not one of gpro, grpo")
-        if self.reward not in ("true", "rm"):
-            raise UserError(f"reward={self.reward!r} is not one of true, rm")
+        if self.reward not in ("true", "exact", "rm"):
+            raise UserError(f"reward={self.reward!r} is not one of true, exact, rm")
         if self.k < 2 or self.beta <= 0:
             raise UserError(f"need k >= 2 and beta > 0, got k={self.k}, beta={self.beta}")
 
@@ -104,9 +105,10 @@ def train_gpro(task, cfg, train_cfg):
 
     def score(prompts, responses):
         """Rewards (B, K) of the K responses of each prompt."""
-        if cfg.reward == "true":
-            return torch.tensor([[sft.true_reward(a, b, gpt.decode(y)) for y in ys]
-                                 for (a, b), ys in zip(prompts, responses)], device=device)
+        if cfg.reward in ("true", "exact"):
+            r = torch.tensor([[sft.true_reward(a, b, gpt.decode(y)) for y in ys]
+                              for (a, b), ys in zip(prompts, responses)], device=device)
+            return (r == 1).float() if cfg.reward == "exact" else r  # r* is 1 exactly when correct
         comparisons = [(p, ys, None) for p, ys in zip(prompts, responses)]
         with torch.no_grad():
             return reward.score(rm, comparisons, device)
