@@ -12,15 +12,18 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # the Triton kernels run on the 
 import dataclasses
 import json
 import math
+import statistics
 import subprocess
 import sys
 
 import pytest
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 import gpt
 import kernels
-from gpt import (BOS, EOS, PAD, GPT, GPTConfig, TrainConfig, UserError, decode, encode, generate,
+from gpt import (BOS, EOS, PAD, SEP, GPT, GPTConfig, TrainConfig, UserError, decode, encode, generate,
                  left_pad, lm_loss, sequence_logprobs)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -613,21 +616,300 @@ def test_lora_starts_at_base_trains_only_a_b_and_merges_exactly():
     assert sum(isinstance(m, sft.LoRALinear) for m in everything.modules()) == 2 * 7  # 4 attn + 3 ffn
 
 
-def test_sft_reward_dpo_gpro_main_end_to_end(tmp_path):
+NF4_PAPER = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+             -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+             0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+             0.7229568362236023, 1.0]
+
+
+def nibbles(layer):
+    """The 4-bit codes of an NF4Linear, unpacked by a plain loop: low nibble first."""
+    return torch.tensor([(b & 15, b >> 4)[i] for b in layer.codes.tolist() for i in (0, 1)])
+
+
+def test_nf4_levels_are_normalised_normal_quantiles():
+    # independent: the standard library's inverse normal CDF, 8 quantiles above 0, 7 below, an exact 0
+    q = statistics.NormalDist().inv_cdf
+    delta = 1 - (1 / 30 + 1 / 32) / 2
+    pos = [q(delta + (0.5 - delta) * i / 8) for i in range(8)]
+    neg = [-q(delta + (0.5 - delta) * i / 7) for i in range(7)]
+    want = torch.tensor(sorted(neg + [0.0] + pos), dtype=torch.float64) / pos[0]
+    levels = sft.nf4_levels()
+    assert levels.shape == (16,) and (levels[1:] > levels[:-1]).all()
+    assert levels[0] == -1 and levels[-1] == 1 and (levels == 0).sum() == 1
+    assert torch.allclose(levels.double(), want, atol=1e-6)
+    assert torch.allclose(levels, torch.tensor(NF4_PAPER), atol=1e-6)
+
+
+def test_nf4_quantises_its_own_levels_exactly():
+    torch.manual_seed(0)
+    levels = sft.nf4_levels()
+    idx = torch.randint(0, 16, (48, 64))        # 48 blocks of 64 weights
+    idx[:, 0] = torch.randint(0, 2, (48,)) * 15  # each block holds -1 or +1, so its absmax is its scale
+    for scales in (torch.full((48,), 0.5), torch.rand(48) + 0.1):
+        lin = nn.Linear(96, 32, bias=False)
+        with torch.no_grad():
+            lin.weight.copy_((levels[idx] * scales[:, None]).view(32, 96))
+        q = sft.NF4Linear(lin)
+        assert torch.equal(nibbles(q), idx.flatten())  # every weight gets its own level's code
+        # the 4-bit step is exact; what remains is the (double-quantised) scale
+        assert torch.equal(q.weight, (levels[idx] * q.scales()[:, None]).view(32, 96))
+    # equal scales that are a power of two survive double quantisation exactly too
+    lin.weight.data.copy_((levels[idx] * 0.5).view(32, 96))
+    assert torch.equal(sft.NF4Linear(lin).weight, lin.weight)
+
+
+@pytest.mark.parametrize("shape", [(96, 80), (33, 17), (600, 64)])
+def test_nf4_round_trip_error_is_within_its_bound_and_beats_uniform_int4(shape):
+    torch.manual_seed(1)
+    lin = nn.Linear(shape[1], shape[0], bias=False)
+    nn.init.normal_(lin.weight, 0.0, 0.02)
+    q = sft.NF4Linear(lin)
+    w, n = lin.weight.detach(), lin.weight.numel()
+    blocks = F.pad(w.flatten(), (0, -n % 64)).view(-1, 64)
+    s = blocks.abs().amax(1)  # the true block absmax
+    # w = s x, w_hat = s_hat l(x), |l| <= 1:  |w - w_hat| <= s |x - l(x)| + |s - s_hat| <= s g / 2 + |s - s_hat|,
+    # g the largest gap between neighbouring levels; and |s - s_hat| <= half an int8 step of its block of 256
+    levels = torch.tensor(NF4_PAPER)
+    g = (levels[1:] - levels[:-1]).max()
+    c = F.pad(s - s.mean(), (0, -len(s) % 256)).view(-1, 256)
+    dq_bound = (c.abs().amax(1) / 254).repeat_interleave(256)[:len(s)]
+    err = F.pad((w - q.weight).flatten(), (0, -n % 64)).view(-1, 64).abs()
+    assert (err <= (s * g / 2 + dq_bound + 1e-7)[:, None]).all()
+    # a relaxed version that uses the scale's true error instead of its bound, to show the bound is not loose
+    assert (err.amax(1) <= s * g / 2 + (s - q.scales()).abs() + 1e-7).all()
+    # NF4 suits normal weights better than the 16 evenly spaced levels of int4 with the same scales
+    uniform = torch.linspace(-1, 1, 16)
+    x = blocks / s[:, None]
+    int4 = uniform[(x[..., None] - uniform).abs().argmin(-1)] * s[:, None]
+    nf4 = levels[(x[..., None] - levels).abs().argmin(-1)] * s[:, None]
+    assert (nf4 - blocks).pow(2).sum() < 0.92 * (int4 - blocks).pow(2).sum()  # about 0.85 over seeds
+    # the reported error sums are the true ones
+    sq_err, sq_norm, abs_err = q.error_sums
+    assert math.isclose(sq_err, (w - q.weight).pow(2).sum().item(), rel_tol=1e-4)
+    assert math.isclose(sq_norm, w.pow(2).sum().item(), rel_tol=1e-4)
+    assert math.isclose(abs_err, (w - q.weight).abs().sum().item(), rel_tol=1e-4)
+
+
+def test_nf4_double_quantised_scales_are_within_their_8_bit_bound():
+    torch.manual_seed(2)
+    lin = nn.Linear(256, 160, bias=False)  # 640 blocks of 64: three blocks of 256 scales, the last partial
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(160, 256) * torch.rand(160, 1) * 0.1)  # scales that vary a lot
+    q = sft.NF4Linear(lin)
+    s = lin.weight.detach().view(-1, 64).abs().amax(1)
+    assert q.scale_codes.dtype == torch.int8 and q.scale_codes.numel() == 640
+    assert q.scale_absmax.numel() == 3 and torch.isclose(q.scale_mean, s.mean())
+    for b in range(3):
+        chunk = slice(256 * b, 256 * (b + 1))
+        step = (s[chunk] - s.mean()).abs().max() / 127  # symmetric int8 absmax of the centred scales
+        assert ((q.scales()[chunk] - s[chunk]).abs() <= step / 2 + 1e-7).all()
+    assert (q.scales() - s).abs().max() > 0  # the scales really are quantised
+
+
+def test_nf4_storage_is_4_bits_per_weight_plus_scales():
+    lin = nn.Linear(192, 64, bias=True)  # 12288 weights: 192 blocks of 64, one block of 256 scales
+    q = sft.NF4Linear(lin)
+    n = lin.weight.numel()
+    assert q.codes.dtype == torch.uint8 and q.codes.numel() == n // 2  # two 4-bit codes per byte
+    assert q.nbytes() == n // 2 + n // 64 + 4 + 4  # codes, int8 scales, one fp32 absmax of scales, fp32 mean
+    assert 8 * q.nbytes() / n == pytest.approx(4 + 8 / 64 + 64 / n)
+    # nothing else is kept: the state holds the codes, the scales and the (fp32, unquantised) bias only
+    state = q.state_dict()
+    assert set(state) == {"codes", "scale_mean", "scale_absmax", "scale_codes", "bias"}
+    assert sum(t.numel() * t.element_size() for k, t in state.items() if k != "bias") == q.nbytes()
+    assert [n for n, _ in q.named_parameters()] == ["bias"]
+
+
+def test_qlora_starts_at_the_dequantised_base_trains_only_a_b_and_merges():
+    torch.manual_seed(3)
+    lin = nn.Linear(64, 48, bias=True)
+    layer = sft.LoRALinear(sft.NF4Linear(lin), rank=4, alpha=8)
+    x = torch.randn(5, 64)
+    w_hat = layer.base.weight
+    assert torch.allclose(layer(x), x @ w_hat.t() + lin.bias, atol=1e-6)  # B = 0: the dequantised base layer
+    assert not torch.allclose(layer(x), lin(x), atol=1e-4)                 # which is not the fp32 layer
+    model = seeded_model()
+    ids = torch.randint(0, 256, (2, 12))
+    sft.apply_lora(model, rank=2, alpha=4, targets="qv", quantize=True)
+    nf4 = [m for m in model.modules() if isinstance(m, sft.NF4Linear)]
+    assert len(nf4) == 2 * 7  # every linear layer of the 2 blocks is 4-bit, also those without LoRA
+    lm_loss(model(ids[:, :-1]), ids[:, 1:]).backward()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.endswith((".A", ".B")) and ("q_proj" in n or "v_proj" in n) for n in trainable)
+    assert all(p.grad is None for n, p in model.named_parameters() if n not in trainable)
+    assert all(model.get_parameter(n).grad is not None for n in trainable if n.endswith(".B"))
+    assert all(not b.requires_grad for b in model.buffers())
+    with torch.no_grad():
+        for n in trainable:
+            model.get_parameter(n).normal_(0, 0.1)
+    out = model(ids)
+    q = model.blocks[0].attn.q_proj
+    want = q.base.weight + q.scale * q.B @ q.A  # the merged weight: dequantised W_0 + (alpha / r) B A
+    sft.merge_lora(model)
+    assert not any(isinstance(m, (sft.LoRALinear, sft.NF4Linear)) for m in model.modules())
+    assert set(model.state_dict()) == set(seeded_model().state_dict())  # a plain GPT again
+    assert torch.allclose(model.blocks[0].attn.q_proj.weight, want, atol=1e-6)
+    assert torch.allclose(model(ids), out, atol=1e-5)
+
+
+def test_qlora_learns_a_low_rank_change_up_to_the_quantisation_error():
+    # target layer: W_0 + a rank-2 change; QLoRA starts from NF4(W_0) and trains only A, B (rank 2)
+    torch.manual_seed(4)
+    base = nn.Linear(64, 64, bias=False)
+    nn.init.normal_(base.weight, 0.0, 0.02)
+    target = base.weight.detach() + 0.05 * torch.randn(64, 2) @ torch.randn(2, 64) / 8
+    layer = sft.LoRALinear(sft.NF4Linear(base), rank=2, alpha=2)
+    opt = torch.optim.Adam([layer.A, layer.B], lr=1e-2)
+    losses = []
+    for _ in range(300):
+        x = torch.randn(128, 64)
+        loss = (layer(x) - x @ target.t()).pow(2).mean()
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    # with x ~ N(0, I) the mean squared output error of a weight error E is ||E||_F^2 / d_out: what is left
+    # is the quantisation error of W_0 (full rank, which a rank-2 update barely reduces)
+    floor = (layer.base.weight - base.weight).pow(2).sum().item() / 64
+    final = sum(losses[-50:]) / 50
+    assert final < 0.1 * losses[0]
+    assert 0.6 * floor < final < 1.2 * floor
+
+
+def adapter_reference(model, x):
+    """A pre-norm block stack computed by hand, with Adapter(h) = h + W_up gelu(W_down h) applied to
+    the attention's and the FFN's outputs before the residual adds (notes 10.4)."""
+    def adapt(a, h):
+        return h + (F.gelu(h @ a.down.weight.t() + a.down.bias) @ a.up.weight.t() + a.up.bias)
+    T = x.shape[1]
+    rope = (model.rope_cos[:T][None, :, None], model.rope_sin[:T][None, :, None])
+    h = model.wte(x)
+    for b in model.blocks:
+        h = h + adapt(b.attn, b.attn.sublayer(b.norm1(h), rope, None, None))
+        h = h + adapt(b.ffn, b.ffn.sublayer(b.norm2(h)))
+    return model.lm_head(model.norm_f(h))
+
+
+def test_adapters_start_as_identity_train_alone_and_sit_after_attention_and_ffn():
+    model = seeded_model()
+    ids = torch.randint(0, 256, (2, 12))
+    base = model(ids).detach()
+    sft.apply_adapters(model, dim=4)
+    assert sum(isinstance(m, sft.Adapter) for m in model.modules()) == 2 * 2
+    assert torch.allclose(model(ids), base, atol=1e-6)  # W_up = 0: the frozen model
+    lm_loss(model(ids[:, :-1]), ids[:, 1:]).backward()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"blocks.{i}.{s}.{l}.{p}" for i in range(2) for s in ("attn", "ffn")
+                         for l in ("down", "up") for p in ("weight", "bias")}
+    assert all(p.grad is None for n, p in model.named_parameters() if n not in trainable)
+    assert all(model.get_parameter(n).grad.abs().sum() > 0 for n in trainable if ".up." in n)
+    n_adapter = sum(model.get_parameter(n).numel() for n in trainable)
+    assert n_adapter == 2 * 2 * (32 * 4 + 4 + 4 * 32 + 32)
+    with torch.no_grad():
+        for n in trainable:
+            model.get_parameter(n).normal_(0, 0.2)
+    assert not torch.allclose(model(ids), base, atol=1e-3)
+    assert torch.allclose(model(ids), adapter_reference(model, ids), atol=1e-5)
+    # generation (KV cache) goes through the adapters too: greedy decoding equals argmax of full forwards
+    prompt = ids[0, :5].tolist()
+    out = gpt.generate(model.eval(), [prompt], 4, temperature=0)[0]
+    seq = list(prompt)
+    for _ in range(4):
+        seq.append(model(torch.tensor([seq]))[0, -1, :gpt.N_TOKENS].argmax().item())
+    assert out == seq[5:9]
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_template_token_rows_start_at_base_train_alone_and_merge_into_the_table(tie):
+    model = seeded_model(tie_embeddings=tie)
+    ids = torch.tensor([[gpt.BOS, 49, 50, gpt.SEP, 51, gpt.EOS, 52, gpt.SEP]])
+    base = model(ids).detach()
+    sft.train_template_tokens(sft.apply_lora(model, rank=2, alpha=2))
+    assert torch.allclose(model(ids), base, atol=1e-6)  # delta = 0
+    lm_loss(model(ids[:, :-1]), ids[:, 1:]).backward()
+    deltas = {n for n, p in model.named_parameters() if p.requires_grad and not n.endswith((".A", ".B"))}
+    assert deltas == ({"wte.delta"} if tie else {"wte.delta", "lm_head.delta"})
+    assert (model.lm_head.delta is model.wte.delta) == tie
+    assert model.wte.delta.grad.abs().sum(1).min() > 0  # both <sep> and <eos> rows get a gradient
+    with torch.no_grad():
+        for n in deltas:
+            model.get_parameter(n).normal_(0, 0.5)
+        for n, p in model.named_parameters():
+            if n.endswith(".B"):
+                p.zero_()  # LoRA off: compare the token rows alone
+    out = model(ids)
+    # independent: the original model with the rows of <sep> and <eos> edited by hand
+    edited = seeded_model(tie_embeddings=tie)
+    with torch.no_grad():
+        edited.wte.weight[[gpt.SEP, gpt.EOS]] += model.wte.delta
+        if not tie:
+            edited.lm_head.weight[[gpt.SEP, gpt.EOS]] += model.lm_head.delta
+    assert torch.allclose(out, edited(ids), atol=1e-5) and not torch.allclose(out, base, atol=1e-3)
+    sft.merge_lora(model)
+    assert set(model.state_dict()) == set(seeded_model(tie_embeddings=tie).state_dict())
+    assert (model.lm_head.weight is model.wte.weight) == tie
+    assert torch.allclose(model(ids), out, atol=1e-5)
+    changed = (model.wte.weight != seeded_model(tie_embeddings=tie).wte.weight).any(1).nonzero().flatten()
+    assert changed.tolist() == sorted([gpt.EOS, gpt.SEP])
+
+
+def test_sft_config_validation_for_peft():
+    with pytest.raises(UserError, match="--lora_rank"):
+        sft.SFTConfig(qlora=True)
+    with pytest.raises(UserError, match="adapter_dim"):
+        sft.SFTConfig(adapter_dim=-1)
+    with pytest.raises(UserError, match="not both"):
+        sft.SFTConfig(adapter_dim=4, lora_rank=4)
+
+
+def test_finetune_saves_qlora_merged_and_adapters_beside_sft_pt(tmp_path):
+    task = sft.TaskConfig(heldout=4)
+    train_cfg = gpt.TrainConfig(max_steps=3, batch_size=4, eval_interval=3, device="cpu", compile="off",
+                                out_dir=str(tmp_path), lr=1e-2)
+    ids = torch.randint(0, 256, (2, 10))
+    # QLoRA: out_dir/sft.pt is a plain GPT holding the dequantised base plus the LoRA update
+    model, m = sft.finetune(seeded_model(), task, sft.SFTConfig(lora_rank=2, lora_targets="all", qlora=True),
+                            train_cfg)
+    loaded, _ = gpt.load_model(str(tmp_path / "sft.pt"))
+    assert torch.allclose(loaded(ids), model(ids), atol=1e-5)
+    n_linear = sum(m.weight.numel() for m in seeded_model().blocks.modules() if isinstance(m, nn.Linear))
+    assert m["linear_weight_bytes_fp32"] == 4 * n_linear
+    assert m["linear_weight_bytes"] < m["linear_weight_bytes_fp32"] / 7
+    assert 4 < m["linear_weight_bits"] < 4.3 and 0 < m["nf4_relative_error"] < 0.2 and m["nf4_mean_abs_error"] > 0
+    assert m["trainable_params"] == 2 * sum(2 * (i + o) for i, o in  # rank 2 on 7 layers per block
+                                            [(32, 32), (32, 16), (32, 16), (32, 32), (32, 96), (32, 96), (96, 32)]
+                                            ) + 2 * 32  # and the <sep>, <eos> rows (one delta: tied embeddings)
+    # adapters: cannot merge, so they are saved apart, and sft.pt is not touched
+    before = (tmp_path / "sft.pt").read_bytes()
+    model, m = sft.finetune(seeded_model(), task, sft.SFTConfig(adapter_dim=4, template_tokens=True), train_cfg)
+    assert (tmp_path / "sft.pt").read_bytes() == before
+    assert m["checkpoint"] == os.path.join(str(tmp_path), "sft_adapter.pt") and "nf4_relative_error" not in m
+    loaded, ckpt = sft.load_adapter_model(str(tmp_path / "sft_adapter.pt"))
+    assert ckpt["adapter_dim"] == 4 and torch.allclose(loaded(ids), model(ids), atol=1e-6)
+    assert not torch.allclose(loaded(ids), seeded_model()(ids), atol=1e-4)  # the adapters did train
+    assert not isinstance(loaded.wte, sft.TokenRows) and loaded.lm_head.weight is loaded.wte.weight  # rows merged
+    with pytest.raises(UserError):
+        gpt.load_model(str(tmp_path / "sft_adapter.pt"))
+    with pytest.raises(UserError, match="no adapters"):
+        sft.load_adapter_model(str(tmp_path / "sft.pt"))
+
+
+def test_sft_reward_dpo_gpro_ppo_main_end_to_end(tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(open(os.path.join(HERE, "gpt.py")).read())
     out = str(tmp_path / "out")
     r = run_script([os.path.join(HERE, "gpt.py"), "--data", str(corpus), "--out_dir", out, *TINY_FLAGS], cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     r = run_script([os.path.join(HERE, "sft.py"), "--out_dir", out, "--max_steps", "6", "--eval_interval", "3",
-                    "--batch_size", "4", "--heldout", "8", "--lora_rank", "2"], cwd=tmp_path)
+                    "--batch_size", "4", "--heldout", "8", "--lora_rank", "2", "--prefix_lm"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     metrics = json.loads((tmp_path / "out" / "sft_metrics.json").read_text())
     for k in ("accuracy", "sample_accuracy", "true_reward"):
         assert 0 <= metrics[k] <= 1 and 0 <= metrics["before"][k] <= 1
     assert "trainable of" in r.stdout
     model, _ = gpt.load_model(str(tmp_path / "out" / "sft.pt"))  # LoRA merged: a plain GPT
-    assert model.cfg.block_size == 32
+    assert model.cfg.block_size == 32 and model.cfg.prefix_lm  # every later stage runs the prefix LM
     r = run_script([os.path.join(HERE, "reward.py"), "--out_dir", out, "--max_steps", "4", "--eval_interval", "2",
                     "--batch_size", "4", "--n_pairs", "12", "--n_eval", "8", "--heldout", "8",
                     "--loss", "listwise", "--k", "3"], cwd=tmp_path)  # K-way rankings end to end
@@ -649,6 +931,15 @@ def test_sft_reward_dpo_gpro_main_end_to_end(tmp_path):
         assert r.returncode == 0, r.stderr
         metrics = json.loads((tmp_path / "out" / "gpro_metrics.json").read_text())
         assert metrics["algo"] == flags[1] and 0 <= metrics["after"]["sample_accuracy"] <= 1
+    for flags in ([], ["--reward", "true", "--kl_mode", "loss", "--kl_target", "0.5", "--c_e", "0.01",
+                       "--value_clip", "0.2"]):
+        r = run_script([os.path.join(HERE, "ppo.py"), "--out_dir", out, "--max_steps", "4", "--eval_interval", "4",
+                        "--batch_size", "4", "--epochs", "2", "--minibatches", "2", "--heldout", "8", *flags],
+                       cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        metrics = json.loads((tmp_path / "out" / "ppo_metrics.json").read_text())
+        assert metrics["steps"] == 4 and 0 <= metrics["after"]["sample_accuracy"] <= 1
+        assert math.isfinite(metrics["rm_score"]) and math.isfinite(metrics["before"]["rm_score"])
     # DPO with 2 processes (DDP over gloo), from the same SFT model
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         os.path.join(HERE, "dpo.py"), "--out_dir", out, "--max_steps", "3", "--eval_interval", "3",
@@ -878,6 +1169,151 @@ def test_grpo_policy_gradient_is_zero_for_a_group_of_equal_rewards():
     gpro.grpo_loss(logp, logp.detach(), logp.detach(), adv, mask, beta=0.0).backward(retain_graph=True)
     want = torch.autograd.grad(-(adv[:, None] * logp).sum() / mask.sum(), logits)[0]
     assert torch.allclose(logits.grad, want, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# ppo.py: GAE against its explicit sums, the clipped surrogate's gradient, REINFORCE's baseline,
+# the first inner step, and convergence to the closed-form optimum on a bandit
+
+import copy  # noqa: E402
+
+import ppo  # noqa: E402
+
+
+def test_gae_recursion_equals_the_explicit_sums():
+    """Eq. 15 by backward recursion = sum_l (gamma lam)^l delta_{t+l} up to the end of the episode, with
+    random rewards, values, lengths (padding after) and done flags inside the rows."""
+    g = torch.Generator().manual_seed(0)
+    B, T, gamma, lam = 6, 10, 0.9, 0.8
+    rewards, values = torch.randn(B, T, generator=g), torch.randn(B, T, generator=g)
+    dones = (torch.rand(B, T, generator=g) < 0.2).float()
+    for b in range(B):  # a random length; the padding after it is done and carries nothing
+        n = int(torch.randint(1, T + 1, (1,), generator=g))
+        dones[b, n - 1:] = 1.0
+        rewards[b, n:] = values[b, n:] = 0.0
+    adv, returns = ppo.gae(rewards, values, dones, gamma, lam)
+    want = torch.zeros(B, T)
+    for b in range(B):
+        for t in range(T):
+            for s in range(t, T):  # delta_s, discounted, until the episode that contains t ends
+                v_next = values[b, s + 1] if s + 1 < T and not dones[b, s] else 0.0
+                delta = rewards[b, s] + gamma * v_next - values[b, s]
+                want[b, t] += (gamma * lam) ** (s - t) * delta
+                if dones[b, s]:
+                    break
+    assert torch.allclose(adv, want, atol=1e-5)
+    assert torch.allclose(returns, want + values)  # eq. 16
+
+
+def test_clipped_surrogate_gradient_is_zero_exactly_where_the_clip_binds():
+    eps = 0.2
+    ratio = torch.tensor([0.5, 0.5, 0.9, 1.1, 1.5, 1.5, 1.0, 1.0])
+    adv = torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0, -1.0, 2.0, -2.0])
+    old = torch.randn(8)
+    logp = (old + ratio.log()).requires_grad_()
+    loss, clip_frac = ppo.clipped_surrogate(logp[None], old[None], adv[None], torch.ones(1, 8), eps)
+    loss.backward()
+    # zero where the ratio left [1-eps, 1+eps] on the side the advantage favours: o < 1-eps with A < 0,
+    # o > 1+eps with A > 0; elsewhere the plain ratio gradient -A o / |M|
+    frozen = torch.tensor([False, True, False, False, True, False, False, False])
+    assert (logp.grad[frozen] == 0).all()
+    assert torch.allclose(logp.grad[~frozen], (-adv * ratio / 8)[~frozen])
+    assert clip_frac.item() == 4 / 8
+
+
+def test_reinforce_baseline_keeps_the_expected_gradient_and_lowers_its_variance():
+    """Problem set 4.3(b)(ii) on an 8-armed bandit: E[(r - b) grad log pi] = E[r grad log pi] exactly
+    (sum_y pi(y) grad log pi(y) = 0), and with b = E[r] the per-sample estimator's variance is lower."""
+    log_ref, r, _ = bandit()
+    r = r + 2.0  # rewards far from zero, where a baseline matters
+    p = log_ref.exp()
+    grad_logp = torch.eye(8) - p                                  # row y: grad_theta log pi(y) for softmax
+    b = (p * r).sum()
+    exact = (p[:, None] * r[:, None] * grad_logp).sum(0)
+    assert torch.allclose((p[:, None] * (r - b)[:, None] * grad_logp).sum(0), exact, atol=1e-6)
+    g = torch.Generator().manual_seed(0)
+    y = torch.multinomial(p, 200_000, replacement=True, generator=g)
+    plain, based = r[y, None] * grad_logp[y], (r[y] - b)[:, None] * grad_logp[y]
+    assert torch.allclose(plain.mean(0), exact, atol=0.02) and torch.allclose(based.mean(0), exact, atol=0.02)
+    assert based.var(0).sum() < 0.5 * plain.var(0).sum()
+
+
+def tiny_actor_critic():
+    policy = seeded_model(0, block_size=32)
+    rm = reward.RewardModel(seeded_model(1, block_size=32))
+    return ppo.ActorCritic(policy, rm), copy.deepcopy(policy).requires_grad_(False)
+
+
+def test_first_inner_step_has_ratio_one_no_clipping_and_zero_kl():
+    model, ref = tiny_actor_critic()
+    cfg = ppo.PPOConfig(reward="true", value_clip=0.2)
+    task = sft.TaskConfig(heldout=8)
+    prompts = sft.sample_prompts(task, 6, random.Random(0))
+
+    def score(ps, ys):
+        return torch.tensor([sft.true_reward(a, b, gpt.decode(y)) for (a, b), y in zip(ps, ys)]), {}
+
+    batch, stats = ppo.rollout(model, ref, prompts, score, cfg, 0.1, torch.Generator().manual_seed(0))
+    assert stats["kl_ref"] == 0
+    resp = batch["resp"].bool()
+    # the per-token rewards are only R at the last token (KL_t = 0): the returns with gamma = 1 are R
+    logits, _ = model(batch["ids"])
+    logp, _ = gpt.shifted_logprobs(logits, batch["ids"], batch["resp"])
+    assert torch.equal(logp, batch["old_logp"])                      # ratio exactly 1
+    _, stats = ppo.ppo_loss(model, batch, resp, cfg, 0.1)
+    assert stats["clip_frac"] == 0 and stats["approx_kl"] == 0
+    assert stats["tokens"] == int(resp.sum())
+
+
+def test_rollout_masks_and_rewards():
+    """The response mask covers the sampled tokens (and <eos> only when sampled); the returns with
+    gamma = lam = 1 and beta = 0 are R at every token of the response."""
+    model, ref = tiny_actor_critic()
+    cfg = ppo.PPOConfig(reward="true", gamma=1.0, lam=1.0, whiten_adv=False)
+    prompts = [(12, 34), (5, 678), (999, 1)]
+    R = torch.tensor([0.3, -1.0, 2.0])
+    batch, _ = ppo.rollout(model, ref, prompts, lambda ps, ys: (R, {}), cfg, 0.0, torch.Generator().manual_seed(1))
+    resp = batch["resp"].bool()
+    assert torch.allclose(batch["returns"][resp], R[:, None].expand_as(resp)[resp], atol=1e-5)
+    assert (batch["adv"][~resp] == 0).all()
+    ids, mask = ppo.pack_rollout([(1, 2), (3, 4)], [[gpt.encode("3")[0], gpt.EOS], gpt.encode("71")], "cpu")
+    assert mask.sum(1).tolist() == [2, 2] and ids[1, mask[1].bool()].tolist() == gpt.encode("71")
+
+
+def test_ppo_converges_to_the_kl_regularised_optimum_on_a_bandit():
+    """One prompt, one-token responses from 8 choices, known r and pi_ref: PPO with the per-token KL
+    shaping r - beta (log pi_old - log pi_ref), a critic, GAE and the clipped surrogate reaches
+    pi* = pi_ref exp(r / beta) / Z (total variation under 0.05; entropy bonus off)."""
+    beta = 0.5
+    log_ref, r, optimum = bandit(beta=beta)
+    theta = log_ref.clone().requires_grad_()
+    v = torch.zeros(1, requires_grad=True)                       # V(s) of the single state
+    opt = torch.optim.Adam([theta, v], lr=0.03)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 300)
+    g = torch.Generator().manual_seed(0)
+    n = 512
+    ones = torch.ones(n, 1)
+    for _ in range(300):
+        with torch.no_grad():                                     # rollout with theta_old
+            old = torch.log_softmax(theta, 0)
+            y = torch.multinomial(old.exp(), n, replacement=True, generator=g)
+            rewards = (r[y] - beta * (old[y] - log_ref[y]))[:, None]  # one token: KL shaping + R
+            values = v.expand(n)[:, None].clone()
+            adv, returns = ppo.gae(rewards, values, ones, 1.0, 0.95)
+            adv = ppo.whiten(adv, ones)
+        for _ in range(4):                                        # E epochs
+            logp = torch.log_softmax(theta, 0)[y][:, None]
+            actor, _ = ppo.clipped_surrogate(logp, old[y][:, None], adv, ones, 0.2)
+            loss = actor + 0.5 * ppo.critic_loss(v.expand(n)[:, None], values, returns, ones, 0.0)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        sched.step()
+    tv = 0.5 * (torch.softmax(theta, 0) - optimum).abs().sum().item()
+    start = 0.5 * (log_ref.exp() - optimum).abs().sum().item()
+    assert tv < 0.05 and start > 0.1, (tv, start)
+    expected = (optimum * r).sum() - beta * (optimum * (optimum.log() - log_ref)).sum()
+    assert abs(v.item() - expected.item()) < 0.1  # the critic learned V = E[R - beta KL] at pi*
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1188,3 +1624,629 @@ def test_main_end_to_end(tmp_path, capsys):
             assert row["ok"], key
     assert rows["ve_ddpm_from_N(0,1)_limit"]["theory"] == pytest.approx(0.01 - 1e-6 / 1.01 ** 2)
     assert "theory beside measurement" in out and "pass" in out
+
+
+# =============================================================================================
+# gpt.py's switches: mixture of experts (notes 8.8), parallel attention + FFN (8.9), causal linear
+# attention (4.10), the prefix-LM mask (8.4) and logit scaling (3.1)
+
+NEW_FIELDS = ("logit_scale", "attention", "prefix_lm", "parallel_block", "n_expert", "expert_top_k",
+              "expert_capacity", "moe_aux_coef")
+
+
+# ---------------------------------------------------------------------------------------------
+# config, CLI, checkpoints, flops
+
+@pytest.mark.parametrize("kw, words", [
+    (dict(attention="performer"), "attention="),
+    (dict(n_expert=-1), "n_expert"),
+    (dict(n_expert=2, expert_top_k=3), "expert_top_k"),
+    (dict(n_expert=2, expert_top_k=0), "expert_top_k"),
+    (dict(n_expert=2, expert_capacity=-1.0), "expert_capacity"),
+    (dict(n_expert=2, moe_aux_coef=-0.1), "moe_aux_coef"),
+    (dict(parallel_block=True, norm_placement="post"), "parallel_block"),
+])
+def test_new_config_validation(kw, words):
+    with pytest.raises(UserError, match=words):
+        tiny(**kw)
+
+
+def test_new_flags_on_the_command_line(capsys):
+    defaults = [GPTConfig(), gpt.TrainConfig(), gpt.DataConfig()]
+    cfg = gpt.parse_args(defaults, ["--n_expert", "4", "--expert_top_k", "1", "--expert_capacity", "1.5",
+                                    "--moe_aux_coef", "0.1", "--attention", "linear", "--prefix_lm",
+                                    "--parallel_block", "--logit_scale"])[0]
+    assert (cfg.n_expert, cfg.expert_top_k, cfg.expert_capacity, cfg.moe_aux_coef) == (4, 1, 1.5, 0.1)
+    assert cfg.attention == "linear" and cfg.prefix_lm and cfg.parallel_block and cfg.logit_scale
+    assert all(getattr(GPTConfig(), f) == getattr(tiny(), f) for f in NEW_FIELDS)  # defaults: all off
+    assert GPTConfig().n_expert == 0 and not GPTConfig().prefix_lm and GPTConfig().attention == "softmax"
+    with pytest.raises(SystemExit):
+        gpt.parse_args(defaults, ["--help"])
+    out = capsys.readouterr().out
+    assert all(f"--{f}" in out for f in NEW_FIELDS)
+
+
+def test_old_checkpoint_without_the_new_fields_loads(tmp_path):
+    model = seeded_model()
+    cfg = {k: v for k, v in dataclasses.asdict(model.cfg).items() if k not in NEW_FIELDS}
+    gpt.save_checkpoint(str(tmp_path / "old.pt"), model=model.state_dict(), config=cfg)
+    loaded, _ = gpt.load_model(str(tmp_path / "old.pt"))
+    x = torch.randint(0, 256, (2, 12))
+    assert loaded.cfg == model.cfg and torch.equal(loaded.eval()(x), model(x))
+
+
+def test_checkpoint_round_trip_with_every_switch_on(tmp_path):
+    model = seeded_model(n_expert=3, expert_top_k=2, attention="linear", prefix_lm=True, parallel_block=True,
+                         logit_scale=True)
+    gpt.save_checkpoint(str(tmp_path / "m.pt"), model=model.state_dict(), config=dataclasses.asdict(model.cfg))
+    loaded, _ = gpt.load_model(str(tmp_path / "m.pt"))
+    x = torch.tensor([[BOS, 5, 6, SEP, 7, 8]])
+    assert loaded.cfg == model.cfg and torch.equal(loaded.eval()(x), model(x))
+
+
+def test_flops_count_only_the_active_experts():
+    dense = GPT(tiny())
+    for k in (1, 2):
+        moe = GPT(tiny(n_expert=4, expert_top_k=k))
+        router = sum(p.numel() for b in moe.blocks for p in b.ffn.router.parameters())
+        ffn = sum(p.numel() for p in dense.blocks[0].ffn.parameters())
+        extra = gpt.flops_per_token(moe, 64) - gpt.flops_per_token(dense, 64)
+        assert extra == 6 * (router + (k - 1) * moe.cfg.n_layer * ffn)  # k experts run per token, not 4
+
+
+# ---------------------------------------------------------------------------------------------
+# mixture of experts (notes 8.8)
+
+def test_moe_with_one_expert_and_top1_is_the_dense_ffn():
+    dense = seeded_model().train()
+    moe = GPT(tiny(n_expert=1, expert_top_k=1, expert_capacity=1.0)).train()  # capacity floor(1 * N / 1) = N
+    sd = {k.replace(".ffn.", ".ffn.experts.0."): v for k, v in dense.state_dict().items()}
+    missing, unexpected = moe.load_state_dict(sd, strict=False)
+    assert missing and all(".router." in k for k in missing) and not unexpected
+    x = torch.randint(0, 256, (3, 20))
+    assert torch.allclose(moe(x), dense(x), atol=1e-6)
+    assert gpt.moe_stats(moe) == {"moe_aux": 1.0, "expert_load": 1.0, "expert_dropped": 0.0}
+
+
+def test_moe_equals_a_per_token_loop_with_capacity():
+    """Top-2 of 4 experts, capacity floor(1.0 * 20 / 4) = 5 per expert (the mean demand is 10), first come
+    first served in token order: every token's output is sum over its kept experts of gate * FFN_e(x)."""
+    torch.manual_seed(0)
+    moe = gpt.MoE(tiny(n_expert=4, expert_top_k=2, expert_capacity=1.0)).train()
+    x = torch.randn(2, 10, 32)
+    out = moe(x).reshape(20, 32)
+    xs, cap, used, want = x.reshape(20, 32), 5, [0] * 4, torch.zeros(20, 32)
+    with torch.no_grad():
+        for n in range(20):
+            p = torch.softmax(moe.router(xs[n]), -1)
+            top = sorted(range(4), key=lambda e: -p[e].item())[:2]
+            for e in top:
+                if used[e] < cap:
+                    want[n] += p[e] / p[top].sum() * moe.experts[e](xs[n:n + 1])[0]
+                used[e] += 1
+    assert torch.allclose(out, want, atol=1e-6)
+    dropped = sum(max(0, u - cap) for u in used)
+    assert dropped > 0 and moe.dropped == pytest.approx(dropped / 40)
+    assert (out.abs().sum(-1) == 0).any()  # some token lost both of its experts
+    assert torch.allclose(moe.load, torch.tensor(used, dtype=torch.float) / 20)  # f_e counts before dropping
+    moe.eval()  # no capacity at inference: every token reaches both of its experts
+    assert (moe(x).reshape(20, 32).abs().sum(-1) > 0).all()
+
+
+def test_dropped_tokens_pass_through_the_residual_unchanged():
+    torch.manual_seed(0)
+    block = gpt.Block(tiny(n_expert=2, expert_top_k=1, expert_capacity=1.0, bias=True)).train()
+    with torch.no_grad():  # every token picks expert 0, which takes floor(1.0 * 16 / 2) = 8 of the 16
+        block.ffn.router.weight.zero_()
+        block.ffn.router.bias.copy_(torch.tensor([5.0, -5.0]))
+    x = torch.randn(2, 8, 32)
+    out = block(x, None, None, None)
+    h = x + block.attn(block.norm1(x), None, None, None)  # residual input plus attention
+    ffn = block.ffn(block.norm2(h))
+    assert (ffn[1] == 0).all() and (ffn[0].abs().sum(-1) > 0).all()  # the second row came too late
+    assert torch.equal(out[1], h[1])
+    assert torch.allclose(out[0], h[0] + ffn[0]) and not torch.allclose(out[0], h[0])
+
+
+def test_load_balancing_loss():
+    """L_aux = E sum_e f_e m_e: k at a uniform router (f sums to k), 1 when top-1 routing is balanced,
+    up to E when every token goes to one expert."""
+    E = 4
+    x = torch.randn(3, 8, 32)
+    for k in (1, 2):
+        moe = gpt.MoE(tiny(n_expert=E, expert_top_k=k, bias=True))
+        with torch.no_grad():
+            moe.router.weight.zero_()
+            moe.router.bias.zero_()
+        moe(x)
+        assert moe.aux_loss.item() == pytest.approx(k, abs=1e-6)
+    moe = gpt.MoE(tiny(n_expert=E, expert_top_k=1))
+    with torch.no_grad():
+        moe.router.weight.zero_()
+        moe.router.weight[:, :E] = 3 * torch.eye(E)  # token with x = one-hot(e) goes to expert e
+    balanced = F.one_hot(torch.arange(24) % E, 32).float().view(3, 8, 32)
+    moe(balanced)
+    assert moe.aux_loss.item() == pytest.approx(1.0, abs=1e-6) and torch.allclose(moe.load, torch.full((E,), 0.25))
+    moe(F.one_hot(torch.zeros(3, 8, dtype=torch.long), 32).float())  # all to expert 0
+    p0 = math.exp(3) / (math.exp(3) + E - 1)
+    assert moe.aux_loss.item() == pytest.approx(E * p0) and moe.aux_loss.item() > 2.5
+    moe = gpt.MoE(tiny(n_expert=E, expert_top_k=2))  # a random router against the formula
+    moe(x)
+    p = torch.softmax(moe.router(x.reshape(24, 32)), -1)
+    f = torch.zeros(E).index_add_(0, p.topk(2, -1).indices.reshape(-1), torch.ones(48)) / 24
+    assert moe.aux_loss.item() == pytest.approx(E * (f * p.mean(0)).sum().item(), rel=1e-5)
+
+
+def test_router_gets_gradients_and_the_aux_loss_reaches_the_training_loss():
+    model = seeded_model(n_expert=4, expert_top_k=2).train()
+    x = torch.randint(0, 256, (2, 17))
+    for coef in (0.0, 0.5):
+        for block in model.blocks:
+            block.ffn.aux_coef = coef
+        model.zero_grad()
+        task = lm_loss(model(x[:, :-1]), x[:, 1:])
+        loss, stats = gpt.add_moe_loss(model, task, {"tokens": 32})
+        aux = sum(b.ffn.aux_loss for b in model.blocks)
+        assert loss.item() == pytest.approx(task.item() + coef * aux.item(), abs=1e-6)
+        assert set(stats) == {"tokens", "moe_aux", "expert_load", "expert_dropped"}
+        loss.backward()  # through the gates (top-k probabilities) and, with coef > 0, through m_e
+        assert all(b.ffn.router.weight.grad.abs().sum() > 0 for b in model.blocks)
+    dense = seeded_model()
+    loss = torch.tensor(1.0)
+    assert gpt.add_moe_loss(dense, loss, {"tokens": 1}) == (loss, {"tokens": 1}) and gpt.moe_stats(dense) == {}
+
+
+def test_gpt_main_with_experts_reports_the_load(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(open(os.path.join(HERE, "gpt.py")).read())
+    flags = ["--block_size", "32", "--n_layer", "2", "--n_embd", "32", "--n_head", "4", "--n_kv_head", "2",
+             "--batch_size", "4", "--max_steps", "4", "--eval_interval", "2", "--eval_batches", "2",
+             "--warmup_steps", "1", "--sample_tokens", "8", "--n_expert", "2", "--expert_top_k", "1"]
+    r = subprocess.run([sys.executable, os.path.join(HERE, "gpt.py"), "--data", str(corpus), "--out_dir",
+                        str(tmp_path / "out"), *flags], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    m = json.loads((tmp_path / "out" / "gpt_metrics.json").read_text())
+    assert 0.5 <= m["expert_load"] <= 1.0 and 1.0 <= m["moe_aux"] <= 2.0 and m["val_bpb"] < 9
+    assert "busiest expert's share" in r.stdout and "expert_load" in r.stdout  # table and validation line
+    model, _ = gpt.load_model(str(tmp_path / "out" / "gpt.pt"))
+    assert model.cfg.n_expert == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# parallel attention + FFN (notes 8.9), post-norm (notes 4.7)
+
+def test_block_formulas():
+    torch.manual_seed(0)
+    x = torch.randn(2, 9, 32)
+    par = gpt.Block(tiny(parallel_block=True))
+    h = par.norm1(x)
+    want = x + (par.attn(h, None, None, None) + par.ffn(h)) / math.sqrt(2)  # notes 8.9
+    assert par.norm2 is None and torch.allclose(par(x, None, None, None), want, atol=1e-6)
+    post = gpt.Block(tiny(norm_placement="post", norm="layernorm"))
+    post.norm2.weight.data.uniform_(0.5, 1.5)  # tell the two norms apart
+    h = post.norm1(x + post.attn(x, None, None, None))
+    assert torch.allclose(post(x, None, None, None), post.norm2(h + post.ffn(h)), atol=1e-6)  # notes 4.7
+    pre = gpt.Block(tiny())
+    h = x + pre.attn(pre.norm1(x), None, None, None)
+    assert torch.allclose(pre(x, None, None, None), h + pre.ffn(pre.norm2(h)), atol=1e-6)
+    assert GPT(tiny(parallel_block=True)).num_params() < GPT(tiny()).num_params()  # one norm per block fewer
+
+
+# ---------------------------------------------------------------------------------------------
+# causal linear attention (notes 4.10)
+
+def test_linear_attention_parallel_form_equals_the_recurrence():
+    g = torch.Generator().manual_seed(0)
+    B, H, Hkv, T, D = 2, 4, 2, 12, 8
+    q, k, v = (torch.randn(B, h, T, D, generator=g) for h in (H, Hkv, Hkv))
+    par = gpt.linear_attention(q, k, v)
+    phi = lambda t: F.elu(t) + 1
+    rec = torch.zeros_like(q)
+    for b in range(B):
+        for h in range(H):
+            kv = h // (H // Hkv)
+            s_v, s_k = torch.zeros(D, D), torch.zeros(D)  # constant memory, one token at a time
+            for t in range(T):
+                s_v += torch.outer(v[b, kv, t], phi(k[b, kv, t]))
+                s_k += phi(k[b, kv, t])
+                rec[b, h, t] = s_v @ phi(q[b, h, t]) / (s_k @ phi(q[b, h, t]) + 1e-6)
+    assert torch.allclose(par, rec, atol=1e-5)
+    # the tail given the running sums of the head (what a LinearCache holds) is the same
+    t0 = 5
+    s_v = v[:, :, :t0].transpose(-2, -1) @ phi(k[:, :, :t0])          # (B, Hkv, D, D)
+    s_k = phi(k[:, :, :t0]).sum(2, keepdim=True)                      # (B, Hkv, 1, D)
+    tail = gpt.linear_attention(q[:, :, t0:], k[:, :, t0:], v[:, :, t0:], sums=(s_v, s_k))
+    assert torch.allclose(tail, par[:, :, t0:], atol=1e-5)
+
+
+@pytest.mark.parametrize("kw", [dict(attention="linear"), dict(attention="linear", n_kv_head=1, pos_emb="learned"),
+                                dict(prefix_lm=True), dict(n_expert=3, expert_top_k=2), dict(parallel_block=True)])
+def test_causality_and_left_padding(kw):
+    model = seeded_model(**kw)
+    x = torch.randint(0, 256, (2, 20))  # no SEP: a prefix LM is causal here
+    y = x.clone()
+    y[:, 12] = (y[:, 12] + 1) % 256
+    a, b = model(x), model(y)
+    assert torch.allclose(a[:, :12], b[:, :12], atol=1e-6) and not torch.allclose(a[:, 12:], b[:, 12:], atol=1e-4)
+    seqs = [torch.randint(0, 256, (n,)).tolist() for n in (5, 12, 9)]
+    ids, mask = left_pad(seqs)
+    batch = model(ids, attn_mask=mask)
+    for i, s in enumerate(seqs):
+        assert torch.allclose(batch[i, -len(s):], model(torch.tensor([s]))[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("kw", [dict(attention="linear", n_kv_head=4), dict(attention="linear", n_kv_head=2),
+                                dict(attention="linear", n_kv_head=1), dict(prefix_lm=True),
+                                dict(prefix_lm=True, attention="linear", n_kv_head=1),
+                                dict(prefix_lm=True, pos_emb="learned", n_expert=3, expert_top_k=2),
+                                dict(parallel_block=True, logit_scale=True)])
+def test_kv_cache_equals_full_recomputation(kw):
+    """generate() with the cache (for linear attention: the running sums) gives the tokens and logits of
+    the full forward, with left padding; the prompts end in (or contain) SEP, so a prefix LM's prefill is
+    bidirectional over the prompt and its decoding causal."""
+    model = seeded_model(**kw)
+    prompts = [[BOS] + torch.randint(0, 256, (n,)).tolist() + [SEP] + torch.randint(0, 256, (r,)).tolist()
+               for n, r in ((5, 0), (10, 2), (2, 0))]
+    fast = generate(model, prompts, 12, temperature=0, eos=-1)
+    slow = generate(model, prompts, 12, temperature=0, eos=-1, use_cache=False)
+    assert fast == slow and all(len(f) == 12 for f in fast)
+    full = [p + f for p, f in zip(prompts, fast)]
+    ids, mask = left_pad(full)
+    want = model(ids, attn_mask=mask)
+    P = max(map(len, prompts))
+    cache = gpt.KVCache(model.cfg, len(full), ids.shape[1], "cpu", torch.float32)
+    got = [model(ids[:, :P], attn_mask=mask[:, :P], cache=cache)]
+    got += [model(ids[:, t:t + 1], cache=cache) for t in range(P, ids.shape[1])]
+    assert torch.allclose(torch.cat(got, 1), want, atol=1e-5)
+
+
+def test_linear_attention_cache_is_constant_memory():
+    cfg = tiny(attention="linear")
+    short, long = (gpt.KVCache(cfg, 3, n, "cpu", torch.float32) for n in (8, 64))
+    softmax = gpt.KVCache(tiny(), 3, 64, "cpu", torch.float32)
+    assert short.nbytes() == long.nbytes() < softmax.nbytes()
+    assert long.layers[0].s_v.shape == (3, cfg.n_kv_head, cfg.head_dim, cfg.head_dim)
+
+
+@pytest.mark.parametrize("kw", [dict(attention="linear"), dict(prefix_lm=True), dict(n_expert=4, expert_top_k=2),
+                                dict(parallel_block=True)])
+def test_switches_learn(kw):
+    torch.manual_seed(0)
+    model = GPT(tiny(**kw))
+    x = torch.randint(0, 256, (4, 33))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(100):
+        loss = lm_loss(model(x[:, :-1]), x[:, 1:])
+        opt.zero_grad()
+        gpt.add_moe_loss(model, loss, {})[0].backward()
+        opt.step()
+    assert loss.item() < 1.0  # from ln(320) = 5.77
+
+
+# ---------------------------------------------------------------------------------------------
+# prefix LM (notes 8.4)
+
+def test_prefix_lm_mask_is_the_notes_case_table():
+    m, L = 4, 9  # the prefix is p_1..p_m (1-indexed as in the notes): its last token is the first SEP
+    idx = torch.randint(0, 256, (2, L))
+    idx[0, m - 1] = SEP
+    idx[0, m + 2] = SEP  # a later SEP is part of the response
+    mask = gpt.prefix_lm_mask(idx)
+    assert mask.shape == (2, 1, L, L)
+    for i in range(1, L + 1):
+        for j in range(1, L + 1):
+            want = ((i <= m and j <= m)            # prefix attends to all prefix
+                    or (i >= m and j <= m)         # generation attends to all prefix
+                    or (i > m and m < j <= i))     # generation attends to its own past
+            assert mask[0, 0, i - 1, j - 1].item() == want, (i, j)
+    causal = kernels.causal_mask(L, L, "cpu")
+    assert not mask[0, 0, :m, m:].any()           # the prefix never sees the response
+    assert torch.equal(mask[1, 0], causal)        # no SEP: no prefix
+    # with a KV cache only the first call (start = 0) can hold the prefix; later calls are causal
+    assert torch.equal(gpt.prefix_lm_mask(idx[:, :6], start=2)[0, 0], kernels.causal_mask(6, 8, "cpu"))
+
+
+def test_prefix_lm_forward_sees_the_whole_prompt_and_the_response_causally():
+    x = torch.tensor([[BOS] + list(range(40, 46)) + [SEP] + list(range(60, 67))])  # SEP at 7
+    for prefix_lm in (False, True):
+        model = seeded_model(prefix_lm=prefix_lm)
+        a = model(x)
+        y = x.clone()
+        y[0, 4] += 1  # a prompt token: with a prefix LM the prompt positions before it see it too
+        assert torch.allclose(a[:, :4], model(y)[:, :4], atol=1e-6) != prefix_lm
+        z = x.clone()
+        z[0, 10] += 1  # a response token: nothing before it may see it
+        assert torch.allclose(a[:, :10], model(z)[:, :10], atol=1e-6)
+        assert not torch.allclose(a[:, 10:], model(z)[:, 10:], atol=1e-4)
+
+
+def test_prefix_lm_sequence_logprobs_equal_token_by_token_loop():
+    model = seeded_model(prefix_lm=True)
+    seqs = [[BOS] + torch.randint(0, 256, (n,)).tolist() + [SEP] + torch.randint(0, 256, (r,)).tolist()
+            for n, r in ((4, 5), (9, 3))]
+    ids, attn = left_pad(seqs)
+    target = torch.zeros_like(ids)
+    for b, s in enumerate(seqs):
+        target[b, ids.shape[1] - len(s) + s.index(SEP) + 1:] = 1  # the response tokens
+    per_tok, total = sequence_logprobs(model, ids, target, attn)
+    for b, s in enumerate(seqs):
+        off, want = ids.shape[1] - len(s), 0.0
+        for t in range(s.index(SEP) + 1, len(s)):  # the prompt is complete in s[:t]: same mask
+            lp = torch.log_softmax(model(torch.tensor([s[:t]]))[0, -1, :gpt.N_TOKENS], -1)[s[t]].item()
+            assert per_tok[b, off + t].item() == pytest.approx(lp, abs=1e-5)
+            want += lp
+        assert total[b].item() == pytest.approx(want, abs=1e-4)
+
+
+def test_switching_prefix_lm_on_for_fine_tuning(tmp_path):
+    """What sft.py does with --prefix_lm: set it on the loaded (causal) model's config in place; every
+    module reads that one config, and the checkpoint then records it."""
+    model = seeded_model()
+    x = torch.tensor([[BOS, 40, 41, 42, SEP, 60, 61]])
+    causal = model(x)
+    model.cfg.prefix_lm = True
+    bidir = model(x)
+    assert not torch.allclose(causal[:, :4], bidir[:, :4], atol=1e-4)  # the prompt positions see the whole prompt
+    gpt.save_checkpoint(str(tmp_path / "m.pt"), model=model.state_dict(), config=dataclasses.asdict(model.cfg))
+    loaded, _ = gpt.load_model(str(tmp_path / "m.pt"))
+    assert loaded.cfg.prefix_lm and torch.equal(loaded.eval()(x), bidir)
+
+
+# ---------------------------------------------------------------------------------------------
+# logit scaling (notes 3.1, and the 1/sqrt(d_head) of notes 4.1)
+
+def test_scaled_dot_products_have_unit_variance():
+    g = torch.Generator().manual_seed(0)
+    for d in (16, 64, 256):
+        q, k = torch.randn(20000, d, generator=g), torch.randn(20000, d, generator=g)
+        dots = (q * k).sum(-1)
+        assert dots.var().item() == pytest.approx(d, rel=0.05)                    # Var(q.k) = d
+        assert (dots / math.sqrt(d)).var().item() == pytest.approx(1.0, rel=0.05)  # / sqrt(d): 1
+    # and the attention the model calls divides by sqrt(d_head): with V = I it returns softmax(s)
+    D = 16
+    q, k = torch.randn(1, 1, 5, D, generator=g), torch.randn(1, 1, D, D, generator=g)
+    p = kernels.attention(q, k, torch.eye(D)[None, None], causal=False)[0, 0]   # (5, D) probabilities
+    s = (q @ k.transpose(-2, -1))[0, 0]
+    assert torch.allclose(p.log() - p.log()[:, :1], (s - s[:, :1]) / math.sqrt(D), atol=1e-4)
+
+
+def test_logit_scale_makes_the_output_variance_independent_of_width():
+    """After the final RMSNorm (RMS(x) = 1) and with head weights of variance 1, Var(logit) ~ n_embd
+    (notes 3.1); divided by sqrt(n_embd) it is ~1 at every width."""
+    for n_embd in (64, 256):
+        for scale in (False, True):
+            torch.manual_seed(0)
+            model = GPT(tiny(n_embd=n_embd, tie_embeddings=False, logit_scale=scale)).eval()
+            torch.nn.init.normal_(model.lm_head.weight, 0.0, 1.0)
+            var = model(torch.randint(0, 256, (4, 64))).var().item()
+            assert var == pytest.approx(1.0 if scale else n_embd, rel=0.15)
+
+
+# ---------------------------------------------------------------------------------------------
+# kernels.py: FP8 scaled casts and matmul (notes 7)
+
+# Round to nearest with m mantissa bits errs by at most half the ULP@1 of notes Table 4, relatively:
+# e4m3 ULP@1 = 2^-3 -> 2^-4, e5m2 ULP@1 = 2^-2 -> 2^-3 (for numbers in the normal range).
+FP8_REL = {"e4m3": 2 ** -4, "e5m2": 2 ** -3}
+FP8_MAX = {"e4m3": 448.0, "e5m2": 57344.0}
+FP8_MIN_NORMAL = {"e4m3": 2.0 ** -6, "e5m2": 2.0 ** -14}
+
+
+def spread_rows(n, d, seed, decades=3):
+    """(n, d) Gaussian rows whose scales span `decades` orders of magnitude."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g) * 10 ** (decades * torch.rand(n, 1, generator=g) - decades / 2)
+
+
+def ref_scale(x, fmt, scaling):
+    """S = fp8 max / amax, computed independently in float64."""
+    amax = x.double().abs().amax(-1, keepdim=True) if scaling == "channel" else x.double().abs().amax()
+    return FP8_MAX[fmt] / amax
+
+
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+@pytest.mark.parametrize("scaling", ["tensor", "channel"])
+def test_fp8_scaled_cast_round_trip_within_format_precision(fmt, scaling):
+    x = spread_rows(64, 128, seed=0)
+    x8, s = kernels.to_fp8(x, fmt, scaling)
+    assert x8.dtype == kernels.FP8_DTYPES[fmt] and x8.shape == x.shape
+    back = kernels.from_fp8(x8, s)
+    normal = (x.double() * ref_scale(x, fmt, scaling)).abs() >= FP8_MIN_NORMAL[fmt]  # in the normal range
+    assert normal.float().mean() > 0.5
+    rel = ((back.double() - x.double()).abs() / x.double().abs())[normal]
+    assert rel.max() <= FP8_REL[fmt] * (1 + 1e-5), rel.max()  # fp32 multiply/divide by S: ~1e-7
+    assert rel.max() > 0.5 * FP8_REL[fmt]  # really rounded to 1 + m bits (bf16 would err 16x less)
+
+
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+def test_fp8_scale_maps_amax_to_the_format_max_and_zeros_stay_finite(fmt):
+    x = spread_rows(16, 40, seed=1)
+    for scaling in ("tensor", "channel"):
+        x8, s = kernels.to_fp8(x, fmt, scaling)
+        assert torch.allclose(s.double(), ref_scale(x, fmt, scaling), rtol=1e-6)
+        at_max = x.abs() == (x.abs().amax(-1, keepdim=True) if scaling == "channel" else x.abs().amax())
+        assert at_max.sum() >= (16 if scaling == "channel" else 1)
+        assert (x8.float().abs()[at_max] == FP8_MAX[fmt]).all()  # amax lands exactly on the largest value
+        assert x8.float().abs().max() == FP8_MAX[fmt]
+    x[3] = 0.0  # a silent channel, and then an all-zero tensor
+    for z, scaling in ((x, "channel"), (torch.zeros(16, 40), "tensor"), (torch.zeros(16, 40), "channel")):
+        x8, s = kernels.to_fp8(z, fmt, scaling)
+        back = kernels.from_fp8(x8, s)
+        assert torch.isfinite(s).all() and torch.isfinite(back).all()
+        assert (back[3] == 0).all()
+        o = kernels.fp8_matmul(z, z, fmt, scaling)
+        assert torch.isfinite(o).all() and (o[3] == 0).all() and (o[:, 3] == 0).all()
+
+
+@pytest.mark.parametrize("fmt, ratio", [("e4m3", 1e5), ("e5m2", 1e10)])
+def test_fp8_per_channel_scaling_keeps_the_quiet_rows_that_per_tensor_loses(fmt, ratio):
+    """4 token rows louder than the rest by more than the format's normal range (max / smallest normal):
+    one per-tensor scale pushes the quiet rows below the normal range, one scale per row does not."""
+    assert ratio > FP8_MAX[fmt] / FP8_MIN_NORMAL[fmt]
+    g = torch.Generator().manual_seed(2)
+    x, w = torch.randn(64, 128, generator=g), torch.randn(32, 128, generator=g) / math.sqrt(128)
+    x[:4] *= ratio
+    ref = x.double() @ w.double().t()
+    err = {}
+    for scaling in ("none", "tensor", "channel"):
+        o = kernels.fp8_matmul(x, w, fmt, scaling).double()
+        quiet = ((o[4:] - ref[4:]).norm() / ref[4:].norm()).item()
+        loud = ((o[:4] - ref[:4]).norm() / ref[:4].norm()).item()
+        cast = kernels.from_fp8(*kernels.to_fp8(x, fmt, scaling))[4:]
+        err[scaling] = quiet, loud, ((cast - x[4:]).norm() / x[4:].norm()).item()
+    assert err["channel"][0] < 2 * FP8_REL[fmt] and err["channel"][2] < FP8_REL[fmt]
+    assert err["tensor"][0] > 3 * err["channel"][0] and err["tensor"][2] > 3 * err["channel"][2]  # the quiet rows
+    assert err["tensor"][1] < 2 * FP8_REL[fmt] and err["channel"][1] < 2 * FP8_REL[fmt]  # loud rows fine in both
+    assert err["none"][1] > 0.5  # unscaled: the loud rows saturate at the format's max
+
+
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+@pytest.mark.parametrize("scaling", ["tensor", "channel"])
+def test_fp8_matmul_emulation_within_the_derived_error_bound(fmt, scaling):
+    """Each operand errs by at most e = u|a| + eta/S elementwise (u = 2^-(m+1) in the normal range, eta =
+    half the subnormal spacing below it, in scaled units), so |O8 - O| <= |X| e_W^T + e_X |W|^T + e_X e_W^T."""
+    x, w = spread_rows(24, 64, seed=3), spread_rows(40, 64, seed=4)  # n != d_out: a wrong outer product fails
+    o8 = kernels.fp8_matmul(x, w, fmt, scaling).double()
+    X, W = x.double(), w.double()
+    u, eta = FP8_REL[fmt], FP8_MIN_NORMAL[fmt] * 2 * FP8_REL[fmt] / 2
+    ex, ew = u * X.abs() + eta / ref_scale(x, fmt, scaling), u * W.abs() + eta / ref_scale(w, fmt, scaling)
+    bound = X.abs() @ ew.t() + ex @ W.abs().t() + ex @ ew.t() + 1e-5 * X.abs() @ W.abs().t()  # + fp32 sums
+    err = (o8 - X @ W.t()).abs()
+    assert (err <= bound).all(), (err / bound).max()
+    assert (err / bound).max() > 0.05  # the bound is not vacuous: the inputs really were rounded to FP8
+
+
+def test_fp8_per_channel_matmul_is_exactly_equivariant_to_power_of_two_row_scales():
+    """Per channel, scaling a row of X or W by 2^k scales its S by 2^-k: the same float8 values, and the
+    output row or column scaled by exactly 2^k. One scale per tensor does not have this property."""
+    g = torch.Generator().manual_seed(5)
+    x, w = torch.randn(16, 32, generator=g), torch.randn(24, 32, generator=g)
+    dx = 2.0 ** torch.randint(-20, 21, (16, 1), generator=g).float()
+    dw = 2.0 ** torch.randint(-20, 21, (24, 1), generator=g).float()
+    for fmt in ("e4m3", "e5m2"):
+        o = kernels.fp8_matmul(x, w, fmt, "channel")
+        assert torch.equal(kernels.fp8_matmul(dx * x, dw * w, fmt, "channel"), dx * o * dw.t())
+        per_tensor = kernels.fp8_matmul(dx * x, dw * w, fmt, "tensor")
+        assert not torch.equal(per_tensor, dx * kernels.fp8_matmul(x, w, fmt, "tensor") * dw.t())
+
+
+@pytest.mark.parametrize("scaling", ["tensor", "channel"])
+def test_fp8_scaled_mm_call_conventions_match_the_emulation(scaling):
+    """The hardware call (inverse scales, column-major second operand, scale shapes) gives the emulation's
+    result. Runs where torch._scaled_mm runs: FP8 GPUs, and recent CPU builds of torch."""
+    device = "cuda" if torch.cuda.is_available() and not kernels.fp8_gemm_unsupported(
+        torch.zeros(16, 16, device="cuda"), torch.zeros(16, 16, device="cuda")) else "cpu"
+    x, w = spread_rows(32, 64, seed=6).to(device), spread_rows(48, 64, seed=7).to(device)
+    (x8, sx), (w8, sw) = kernels.to_fp8(x, "e4m3", scaling), kernels.to_fp8(w, "e4m3", scaling)
+    try:
+        hw = kernels._scaled_mm(x8, sx, w8, sw)
+    except (RuntimeError, NotImplementedError) as e:
+        pytest.skip(f"torch._scaled_mm does not run on {device}: {str(e).splitlines()[0]}")
+    emulated = (x8.double() @ w8.double().t()) / (sx.double() * sw.double().t())
+    tol = 2 ** -8 if scaling == "channel" else 1e-5  # row-wise output is bf16
+    assert ((hw.double() - emulated).abs() <= tol * (x8.double().abs() @ w8.double().abs().t())
+            / (sx.double() * sw.double().t())).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# reward.py: latent (Perceiver-style) pooling (notes 4.5-4.6)
+
+PROMPTS = [(12, 34), (123, 4567), (5, 5)]
+
+
+def latent_rm(n_latents=3, seed=0):
+    torch.manual_seed(seed)
+    rm = reward.RewardModel(GPT(tiny()), "latent", n_latents).eval()
+    torch.nn.init.normal_(rm.head.weight)
+    return rm
+
+
+def test_latent_reward_does_not_depend_on_padding_or_batch():
+    rm = latent_rm()
+    responses = [gpt.encode(str(a + b)) for a, b in PROMPTS]
+    with torch.no_grad():
+        ids, attn, resp = reward.pack_for_rm(PROMPTS, responses, side="right")
+        right = rm(ids, attn, resp)
+        assert torch.allclose(rm(*reward.pack_for_rm(PROMPTS, responses, side="left")), right, atol=1e-5)
+        extra = 7  # more padding columns: more (masked) keys for the latents
+        padded = rm(torch.cat([ids, torch.full((3, extra), PAD)], 1),
+                    *(torch.cat([m, torch.zeros(3, extra, dtype=m.dtype)], 1) for m in (attn, resp)))
+        assert torch.allclose(padded, right, atol=1e-5)
+        for i in range(3):
+            alone = rm(*reward.pack_for_rm(PROMPTS[i:i + 1], responses[i:i + 1]))
+            assert torch.allclose(alone[0], right[i], atol=1e-5)
+    assert (right[1:] - right[:-1]).abs().min() > 1e-3  # the rewards differ: the invariance is not trivial
+
+
+def test_cross_attention_equals_the_hand_computed_softmax():
+    """A_h = softmax(Q_h K_h^T / sqrt(d_head)) V_h over the real keys only (eq. 9-11), by hand in float64."""
+    torch.manual_seed(1)
+    ca = reward.CrossAttention(GPTConfig(n_embd=8, n_head=2, n_kv_head=2)).double()
+    z, x = torch.randn(2, 3, 8, dtype=torch.float64), torch.randn(2, 5, 8, dtype=torch.float64)
+    n_real = [5, 3]
+    key_valid = torch.tensor([[1, 1, 1, 1, 1], [0, 1, 1, 1, 0]])  # row 1: padding on both sides
+    with torch.no_grad():
+        out = ca(z, x, key_valid)
+        weights = [m.weight for m in (ca.q_proj, ca.k_proj, ca.v_proj, ca.o_proj)]
+    for b in range(2):
+        xs = x[b][key_valid[b].bool()]                                     # (n_real, 8)
+        assert len(xs) == n_real[b]
+        q, k, v = (a @ m.T for a, m in zip((z[b], xs, xs), weights))
+        heads = []
+        for h in range(2):
+            cols = slice(4 * h, 4 * h + 4)
+            s = [[sum(q[i, c].item() * k[j, c].item() for c in range(4 * h, 4 * h + 4)) / 2.0  # sqrt(d_head) = 2
+                  for j in range(len(xs))] for i in range(3)]
+            p = torch.tensor([[math.exp(e) / sum(math.exp(f) for f in row) for e in row] for row in s],
+                             dtype=torch.float64)
+            heads.append(p @ v[:, cols])
+        expected = torch.cat(heads, 1) @ weights[3].T
+        assert torch.allclose(out[b], expected, atol=1e-10)
+
+
+def test_latent_reward_is_invariant_to_the_order_of_the_latents():
+    """The latents are a set: no positions, no causal mask among them, and the reward reads their mean."""
+    rm = latent_rm(n_latents=5)
+    batch = reward.pack_for_rm(PROMPTS, [gpt.encode(str(a + b)) for a, b in PROMPTS])
+    with torch.no_grad():
+        rm.latent.latents.normal_()
+        before = rm(*batch)
+        rm.latent.latents.copy_(rm.latent.latents[:, torch.tensor([3, 0, 4, 2, 1])])
+        assert torch.allclose(rm(*batch), before, atol=1e-5)
+        rm.latent.latents.normal_()  # other latents: another reward (the latents matter)
+        assert (rm(*batch) - before).abs().max() > 1e-2
+
+
+def test_latent_cross_attention_scores_are_M_by_L(monkeypatch):
+    """The cost argument of notes 4.5: the latents' queries meet the L keys in a (B, H, M, L) score matrix,
+    and self-attention among the latents is (B, H, M, M); nothing is L x L."""
+    rm = latent_rm(n_latents=3)
+    calls = []
+    real = reward.attention
+    monkeypatch.setattr(reward, "attention", lambda q, k, v, **kw: calls.append(
+        (*q.shape[:-1], k.shape[2])) or real(q, k, v, **kw))
+    ids, attn, resp = reward.pack_for_rm(PROMPTS, [gpt.encode(str(a + b)) for a, b in PROMPTS])
+    B, L = ids.shape
+    rm(ids, attn, resp)
+    assert calls == [(B, 4, 3, L), (B, 4, 3, 3)]
+
+
+def test_latent_reward_model_trains_saves_and_loads(tmp_path, monkeypatch):
+    """train_reward with --pooling latent end to end (a tiny random policy in place of sft.pt), and
+    load_reward_model gives back the same model."""
+    with pytest.raises(gpt.UserError):
+        reward.RewardConfig(n_latents=0)
+    torch.manual_seed(0)
+    policy = GPT(tiny())
+    monkeypatch.setattr(sft, "load_sft_policy", lambda cfg, device: policy)
+    rm, metrics = reward.train_reward(
+        sft.TaskConfig(digits=2), reward.PrefConfig(n_pairs=8, n_eval=4),
+        reward.RewardConfig(pooling="latent", n_latents=3),
+        TrainConfig(max_steps=2, batch_size=4, eval_interval=2, out_dir=str(tmp_path), device="cpu"))
+    assert metrics["pooling"] == "latent"
+    loaded = reward.load_reward_model(str(tmp_path / "reward.pt"))
+    assert loaded.pooling == "latent" and loaded.latent.latents.shape == (1, 3, 32)
+    batch = reward.pack_for_rm(PROMPTS, [gpt.encode(str(a + b)) for a, b in PROMPTS])
+    with torch.no_grad():
+        assert torch.allclose(loaded(*batch), rm.eval()(*batch), atol=1e-6)
