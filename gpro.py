@@ -90,7 +90,7 @@ class GPROConfig:
 
 def gpro_defaults():
     return (sft.TaskConfig(), GPROConfig(),
-            gpt.TrainConfig(max_steps=300, batch_size=16, lr=5e-6, min_lr=5e-7, warmup_steps=10,
+            gpt.TrainConfig(max_steps=300, batch_size=16, lr=5e-4, min_lr=5e-7, warmup_steps=10,
                             eval_interval=100, weight_decay=0.0))
 
 

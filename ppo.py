@@ -18,8 +18,8 @@ is the notes' nested loop:
 
 The critic is a separate transformer initialised from the reward model's trunk, as in InstructGPT:
 the value loss then cannot pull on the policy's features, and that trunk already reads what decides
-the reward. Its value head starts at zero: the reward model is normalised to mean 0 on the SFT
-model's samples, so V = 0 is the right expected return at the start. It learns at --critic_lr_scale
+the reward. Its value head starts at zero weights and a bias equal to the SFT policy's mean reward, the
+right expected return at the start. It learns at --critic_lr_scale
 times the policy's learning rate, since it must track returns the policy changes every rollout.
 """
 import copy
@@ -110,17 +110,6 @@ class ActorCritic(nn.Module):
         return self.policy(idx, attn_mask=attn_mask), values
 
 
-def pack_rollout(prompts, outs, device):
-    """Generated continuations (with <eos> when one was sampled) -> ids (B, T) right-padded and the
-    response mask (B, T): 1 on every sampled token; a response cut at the length limit has no <eos>
-    and is not given one."""
-    ids, resp = sft.pack(prompts, [sft.strip_eos(o) for o in outs], device)
-    for i, o in enumerate(outs):
-        if EOS not in o:
-            resp[i, len(sft.prompt_tokens(*prompts[i])) + len(o)] = 0
-    return ids, resp
-
-
 @dataclass
 class PPOConfig:
     reward: str = arg("rm", "rm (out_dir/reward.pt, trained by reward.py if missing) | true (the task's r*)")
@@ -164,7 +153,7 @@ def rollout(model, ref, prompts, score, cfg, beta, generator, dtype="auto"):
     n_new = max(len(str(a + b)) for a, b in prompts) + 2
     outs = gpt.generate(model.policy, [sft.prompt_tokens(a, b) for a, b in prompts], n_new, cfg.temperature,
                         cfg.top_k, cfg.top_p, generator=generator)
-    ids, resp = pack_rollout(prompts, outs, device)
+    ids, resp = sft.pack_generated(prompts, outs, device)
     mask = resp.float()
     with gpt.autocast(device, dtype):  # the precision of the update, so that the first ratio is exactly 1
         logits, values = model(ids)
@@ -213,7 +202,7 @@ def ppo_loss(net, batch, mask, cfg, beta):
 
 def ppo_defaults():
     return (sft.TaskConfig(), PPOConfig(),
-            gpt.TrainConfig(max_steps=800, batch_size=64, lr=1e-5, min_lr=1e-6, warmup_steps=10,
+            gpt.TrainConfig(max_steps=800, batch_size=64,  # batch_size: prompts per rollout lr=1e-5, min_lr=1e-6, warmup_steps=10,
                             eval_interval=200, weight_decay=0.0))
 
 
@@ -233,9 +222,6 @@ def train_ppo(task, cfg, train_cfg):
         return {**sft.evaluate_policy(pi, task), "kl": sft.kl_to_reference(pi, ref, task), "rm_score": rm_score}
 
     before = heldout(policy)
-    steps_per_rollout = cfg.epochs * cfg.minibatches
-    state = {"k": None, "beta": cfg.beta}
-    rank = gpt.rank()
 
     def score(prompts, responses):
         """R (B,) from the reward model or r*, and both means for the log: their gap is over-optimisation."""
@@ -244,6 +230,17 @@ def train_ppo(task, cfg, train_cfg):
         rm_score = reward.score(rm, [(p, [y], None) for p, y in zip(prompts, responses)], device)[:, 0]
         R = rm_score if cfg.reward == "rm" else true
         return R, {"r_true": true.mean().item(), "r_rm": rm_score.mean().item()}
+
+    # V starts at the SFT policy's mean reward on training prompts (about 0 for the reward model, which is
+    # normalised that way; about 0.87 for r*). A critic that starts far off makes GAE's advantages depend
+    # on the position in the response (A_t = lam^(T-t) R - V for V = 0), which the policy then learns.
+    prompts = sft.sample_prompts(task, 256, random.Random(train_cfg.seed - 1))
+    responses = reward.sample_responses(policy, prompts, 1, cfg.temperature, seed=train_cfg.seed - 1)
+    with torch.no_grad():
+        model.value_head.bias.fill_(score(prompts, [ys[0] for ys in responses])[0].mean().item())
+    steps_per_rollout = cfg.epochs * cfg.minibatches
+    state = {"k": None, "beta": cfg.beta}
+    rank = gpt.rank()
 
     def get_batch(i):
         """The i-th optimizer step is minibatch i % M of epoch (i // M) % E of rollout i // (E M)."""

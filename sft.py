@@ -145,6 +145,16 @@ def pack(prompts, responses, device="cpu"):
     return ids.to(device), target.to(device)
 
 
+def pack_generated(prompts, outs, device="cpu"):
+    """pack() for what generate() returned (with <eos> when one was sampled): the target mask is 1 on
+    every sampled token; a response cut at the length limit has no <eos> and is not given one."""
+    ids, target = pack(prompts, [strip_eos(o) for o in outs], device)
+    for i, o in enumerate(outs):
+        if EOS not in o:  # the <eos> that pack() appends was never sampled
+            target[i, len(prompt_tokens(*prompts[i])) + len(o)] = 0
+    return ids, target
+
+
 @torch.no_grad()
 def evaluate_policy(model, task, prompts=None, seed=0):
     """The figures every alignment stage reports on the held-out prompts: exact-match `accuracy` of
@@ -170,11 +180,7 @@ def kl_to_reference(policy, ref, task, prompts=None, seed=0):
     device = next(policy.parameters()).device
     g = torch.Generator(device=device).manual_seed(seed)
     outs = gpt.generate(policy, [prompt_tokens(a, b) for a, b in prompts], task.digits + 3, generator=g)
-    responses = [strip_eos(o) for o in outs]
-    ids, target = pack(prompts, responses, device)
-    for i, o in enumerate(outs):
-        if EOS not in o:  # cut at the length limit: the <eos> that pack() appends was never sampled
-            target[i, len(prompt_tokens(*prompts[i])) + len(o)] = 0
+    ids, target = pack_generated(prompts, outs, device)
     return (gpt.sequence_logprobs(policy, ids, target)[1] - gpt.sequence_logprobs(ref, ids, target)[1]).mean().item()
 
 

@@ -1276,7 +1276,7 @@ def test_rollout_masks_and_rewards():
     resp = batch["resp"].bool()
     assert torch.allclose(batch["returns"][resp], R[:, None].expand_as(resp)[resp], atol=1e-5)
     assert (batch["adv"][~resp] == 0).all()
-    ids, mask = ppo.pack_rollout([(1, 2), (3, 4)], [[gpt.encode("3")[0], gpt.EOS], gpt.encode("71")], "cpu")
+    ids, mask = sft.pack_generated([(1, 2), (3, 4)], [[gpt.encode("3")[0], gpt.EOS], gpt.encode("71")])
     assert mask.sum(1).tolist() == [2, 2] and ids[1, mask[1].bool()].tolist() == gpt.encode("71")
 
 
