@@ -201,8 +201,9 @@ def ppo_loss(net, batch, mask, cfg, beta):
 
 
 def ppo_defaults():
+    # batch_size: prompts per rollout; each rollout gives epochs * minibatches optimizer steps
     return (sft.TaskConfig(), PPOConfig(),
-            gpt.TrainConfig(max_steps=800, batch_size=64,  # batch_size: prompts per rollout lr=1e-5, min_lr=1e-6, warmup_steps=10,
+            gpt.TrainConfig(max_steps=800, batch_size=64, lr=3e-6, min_lr=3e-7, warmup_steps=10,
                             eval_interval=200, weight_decay=0.0))
 
 
