@@ -175,23 +175,28 @@ def test_left_padding_does_not_change_logits():
 # ---------------------------------------------------------------------------------------------
 # gpt.py: KV cache and generation
 
+def assert_cache_equals_full_forward(model, prompts):
+    """Greedy generate() with the cache gives the tokens of recomputing the full forward, and prefill +
+    decode through the cache give its logits at every position (left padding included)."""
+    fast = generate(model, prompts, 12, temperature=0, eos=-1)
+    slow = generate(model, prompts, 12, temperature=0, eos=-1, use_cache=False)
+    assert fast == slow and all(len(f) == 12 for f in fast)
+    full = [p + f for p, f in zip(prompts, fast)]
+    ids, mask = left_pad(full)
+    want = model(ids, attn_mask=mask)
+    P = max(map(len, prompts))
+    cache = gpt.KVCache(model.cfg, len(full), ids.shape[1], "cpu", torch.float32)
+    got = [model(ids[:, :P], attn_mask=mask[:, :P], cache=cache)]
+    got += [model(ids[:, t:t + 1], cache=cache) for t in range(P, ids.shape[1])]
+    assert torch.allclose(torch.cat(got, 1), want, atol=1e-5)
+
+
 @pytest.mark.parametrize("n_kv_head", [4, 2, 1])  # MHA, GQA, MQA
 @pytest.mark.parametrize("lengths", [(7, 7), (3, 11, 6)])  # equal lengths, and left padding
 def test_kv_cache_generation_equals_full_recomputation(n_kv_head, lengths):
     model = seeded_model(n_kv_head=n_kv_head)
     prompts = [torch.randint(0, 256, (n,)).tolist() for n in lengths]
-    fast = generate(model, prompts, 12, temperature=0, eos=-1)
-    slow = generate(model, prompts, 12, temperature=0, eos=-1, use_cache=False)
-    assert fast == slow and all(len(f) == 12 for f in fast)
-    # logits: prefill + decode through the cache equal the full forward at every position
-    full = [p + f for p, f in zip(prompts, fast)]
-    ids, mask = left_pad(full)
-    want = model(ids, attn_mask=mask)
-    P = max(lengths)
-    cache = gpt.KVCache(model.cfg, len(full), ids.shape[1], "cpu", torch.float32)
-    got = [model(ids[:, :P], attn_mask=mask[:, :P], cache=cache)]
-    got += [model(ids[:, t:t + 1], cache=cache) for t in range(P, ids.shape[1])]
-    assert torch.allclose(torch.cat(got, 1), want, atol=1e-5)
+    assert_cache_equals_full_forward(model, prompts)
 
 
 def test_kv_cache_holds_only_kv_heads():
@@ -1888,17 +1893,7 @@ def test_kv_cache_equals_full_recomputation(kw):
     model = seeded_model(**kw)
     prompts = [[BOS] + torch.randint(0, 256, (n,)).tolist() + [SEP] + torch.randint(0, 256, (r,)).tolist()
                for n, r in ((5, 0), (10, 2), (2, 0))]
-    fast = generate(model, prompts, 12, temperature=0, eos=-1)
-    slow = generate(model, prompts, 12, temperature=0, eos=-1, use_cache=False)
-    assert fast == slow and all(len(f) == 12 for f in fast)
-    full = [p + f for p, f in zip(prompts, fast)]
-    ids, mask = left_pad(full)
-    want = model(ids, attn_mask=mask)
-    P = max(map(len, prompts))
-    cache = gpt.KVCache(model.cfg, len(full), ids.shape[1], "cpu", torch.float32)
-    got = [model(ids[:, :P], attn_mask=mask[:, :P], cache=cache)]
-    got += [model(ids[:, t:t + 1], cache=cache) for t in range(P, ids.shape[1])]
-    assert torch.allclose(torch.cat(got, 1), want, atol=1e-5)
+    assert_cache_equals_full_forward(model, prompts)
 
 
 def test_linear_attention_cache_is_constant_memory():
