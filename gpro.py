@@ -18,7 +18,7 @@ moving past pi*, towards the reward's argmax, as beta -> 0 would).
 
 GRPO (`--algo grpo`). K samples per prompt from the current policy, group-normalised advantages
 A_i = (r_i - mean(r)) / (std(r) + eps) (`--no-std_norm`: r_i - mean(r), as Dr. GRPO argues), the
-clipped importance ratio of PPO per token, and beta * KL(pi || pi_ref) per token with the k3
+clipped importance ratio of PPO per token, and kl_coef * KL(pi || pi_ref) per token with the k3
 estimator exp(q) - q - 1, q = log pi_ref - log pi; loss averaged per token or per sequence.
 """
 import copy
@@ -71,7 +71,8 @@ def grpo_loss(logp, old_logp, ref_logp, adv, mask, clip_eps=0.2, beta=0.04, per_
 class GPROConfig:
     algo: str = arg("gpro", "gpro (weighted likelihood, notes 10.9) | grpo (group advantages, clipped ratio, k3 KL)")
     k: int = arg(8, "responses sampled per prompt")
-    beta: float = arg(0.1, "gpro: weight temperature beta; grpo: KL coefficient")
+    beta: float = arg(0.1, "gpro: the tilt's temperature, w = softmax(r / beta), target pi_ref exp(r / beta) / Z")
+    kl_coef: float = arg(1.0, "grpo: weight of the k3 KL to the reference (smaller lets GRPO exploit the reward model)")
     reward: str = arg("true", "true (the task's r*, partial credit) | exact (1 if correct else 0) | "
                               "rm (out_dir/reward.pt, trained by reward.py if missing)")
     online: bool = arg(False, "gpro: sample from the current policy instead of the reference (repeated tilting)")
@@ -84,8 +85,9 @@ class GPROConfig:
             raise UserError(f"algo={self.algo!r} is not one of gpro, grpo")
         if self.reward not in ("true", "exact", "rm"):
             raise UserError(f"reward={self.reward!r} is not one of true, exact, rm")
-        if self.k < 2 or self.beta <= 0:
-            raise UserError(f"need k >= 2 and beta > 0, got k={self.k}, beta={self.beta}")
+        if self.k < 2 or self.beta <= 0 or self.kl_coef < 0:
+            raise UserError(f"need k >= 2, beta > 0 and kl_coef >= 0, got k={self.k}, beta={self.beta}, "
+                            f"kl_coef={self.kl_coef}")
 
 
 def gpro_defaults():
@@ -135,7 +137,7 @@ def train_gpro(task, cfg, train_cfg):
             ref_tok, _ = gpt.sequence_logprobs(ref, ids, target)
         # one update per rollout: the old policy is the current one, so the ratio is 1 (with gradient)
         adv = grpo_advantages(r, cfg.std_norm).flatten()
-        return grpo_loss(per_token, per_token.detach(), ref_tok, adv, target.float(), cfg.clip_eps, cfg.beta,
+        return grpo_loss(per_token, per_token.detach(), ref_tok, adv, target.float(), cfg.clip_eps, cfg.kl_coef,
                          cfg.per_token), stats
 
     def evaluate(m):
@@ -151,7 +153,8 @@ def main(argv=None):
     _, m = train_gpro(task, cfg, train_cfg)
     if gpt.rank() != 0:
         return
-    gpt.print_table(f"{cfg.algo.upper()} (K={cfg.k}, beta={cfg.beta}, reward={cfg.reward}) on held-out prompts",
+    strength = f"beta={cfg.beta}" if cfg.algo == "gpro" else f"kl_coef={cfg.kl_coef}"
+    gpt.print_table(f"{cfg.algo.upper()} (K={cfg.k}, {strength}, reward={cfg.reward}) on held-out prompts",
                     sft.before_after_rows(m) + [("train seconds", m["train_seconds"])])
     gpt.write_metrics("gpro", {**m, "algo": cfg.algo}, train_cfg.out_dir)
 
