@@ -1185,6 +1185,16 @@ import copy  # noqa: E402
 import ppo  # noqa: E402
 
 
+@pytest.mark.parametrize("make, words", [
+    (lambda: ppo.PPOConfig(reward="human"), "reward="), (lambda: ppo.PPOConfig(kl_mode="both"), "kl_mode="),
+    (lambda: ppo.PPOConfig(beta=-0.1), "beta >= 0"), (lambda: ppo.PPOConfig(epochs=0), "epochs"),
+    (lambda: ppo.PPOConfig(clip_eps=1.5), "clip_eps"), (lambda: gpro.GPROConfig(kl_coef=-1), "kl_coef >= 0"),
+    (lambda: gpro.GPROConfig(algo="ppo"), "algo="), (lambda: gpro.GPROConfig(reward="rlhf"), "reward=")])
+def test_alignment_configs_reject_bad_values(make, words):
+    with pytest.raises(UserError, match=words):
+        make()
+
+
 def test_gae_recursion_equals_the_explicit_sums():
     """Eq. 15 by backward recursion = sum_l (gamma lam)^l delta_{t+l} up to the end of the episode, with
     random rewards, values, lengths (padding after) and done flags inside the rows."""
