@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from gpt import TrainConfig, UserError, arg, parse_args, print_table, run_main, train, write_metrics
+from gpt import TrainConfig, UserError, arg, parse_args, print_table, run_main, step_generator, train, write_metrics
 
 MC_TOL = 4.0  # Monte-Carlo checks pass within this many standard errors
 
@@ -292,7 +292,7 @@ def train_denoiser(data, hidden, steps, cfg, desc):
     half = cfg.batch_size // 2
 
     def get_batch(i):  # a pure function of the step, as train() asks
-        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + i)
+        g = step_generator(cfg.seed, i)
         s = data[torch.randint(0, len(data), (half,), generator=g)]    # (half, dim)
         t = 1 - torch.rand(half, 1, generator=g)                       # (half, 1), in (0, 1]
         z = torch.randn(s.shape, generator=g)
@@ -300,11 +300,11 @@ def train_denoiser(data, hidden, steps, cfg, desc):
 
     def loss_fn(net, batch):
         s, t, z = batch
-        return ((net(s + t.sqrt() * z, t) - s) ** 2).mean(), {"tokens": len(s)}  # train() counts samples as tokens
+        return ((net(s + t.sqrt() * z, t) - s) ** 2).mean(), {"samples": len(s)}
 
     tcfg = TrainConfig(max_steps=steps, batch_size=cfg.batch_size, lr=cfg.lr, min_lr=0.0, warmup_steps=50,
                        weight_decay=0.0, eval_interval=steps, device="cpu", compile="off", seed=cfg.seed)
-    train(model, tcfg, get_batch, loss_fn, desc=desc)
+    train(model, tcfg, get_batch, loss_fn, desc=desc, unit="samples")
     return model.eval()
 
 

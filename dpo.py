@@ -18,7 +18,6 @@ The Plackett-Luce form ranks K responses (homework 2(g)); with K = 2 it is DPO e
 import copy
 import dataclasses
 import os
-import random
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +26,7 @@ import torch.nn.functional as F
 import gpt
 import reward
 import sft
-from gpt import UserError, arg
+from gpt import arg
 
 
 def dpo_loss(logp_chosen, logp_rejected, ref_chosen, ref_rejected, beta, loss="sigmoid", label_smoothing=0.0):
@@ -60,19 +59,16 @@ def plackett_luce_loss(logps, ref_logps, beta):
 # ----------------------------------------------------------------------------------------------
 # Training: the policy on preference data sampled from the SFT model and labelled by the labeller
 
-@dataclass
+@dataclass(frozen=True)
 class DPOConfig:
     beta: float = arg(0.1, "KL strength beta: the implicit reward is beta * log pi/pi_ref")
     loss: str = arg("sigmoid", "sigmoid (DPO) | ipo | hinge | plackett_luce (ranks --k responses)")
     label_smoothing: float = arg(0.0, "sigmoid loss: probability that a label is flipped")
 
     def __post_init__(self):
-        if self.beta <= 0:
-            raise UserError(f"beta must be > 0, got {self.beta}")
-        if self.loss not in ("sigmoid", "ipo", "hinge", "plackett_luce"):
-            raise UserError(f"loss={self.loss!r} is not one of sigmoid, ipo, hinge, plackett_luce")
-        if not 0 <= self.label_smoothing < 0.5:
-            raise UserError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        gpt.check(self.beta > 0, f"beta must be > 0, got {self.beta}")
+        gpt.check_choice(self, "loss", ("sigmoid", "ipo", "hinge", "plackett_luce"))
+        gpt.check(0 <= self.label_smoothing < 0.5, f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
 
 
 def response_logps(model, comparisons, device):
@@ -106,11 +102,16 @@ def dpo_defaults():
 
 
 def train_dpo(task, pref, cfg, train_cfg):
+    """The whole stage: SFT policy -> preference data -> DPO, the before/after table and
+    out_dir/dpo_metrics.json. Returns (policy, metrics)."""
     device = gpt.pick_device(train_cfg.device)
-    policy = sft.load_sft_policy(train_cfg, device)
+    path = os.path.join(train_cfg.out_dir, "dpo.pt")
+    gpt.claim_checkpoint(path, train_cfg)
+    policy, sft_ckpt = sft.load_sft_policy(task, train_cfg, device)
     ref = copy.deepcopy(policy).eval().requires_grad_(False)  # pi_ref: the frozen SFT model
     k = pref.k if cfg.loss == "plackett_luce" else 2
-    print(f"sampling {pref.n_pairs} comparisons of {k} responses from the SFT policy, labelled with tau={pref.tau}")
+    if gpt.rank() == 0:
+        print(f"sampling {pref.n_pairs} comparisons of {k} responses from the SFT policy, labelled with tau={pref.tau}")
     data = reward.make_comparisons(policy, task, pref.n_pairs, k, pref.tau, pref.sample_temperature, train_cfg.seed)
     held = reward.make_comparisons(policy, task, pref.n_eval, 2, pref.tau, pref.sample_temperature,
                                    train_cfg.seed + 1, heldout=True)
@@ -118,37 +119,37 @@ def train_dpo(task, pref, cfg, train_cfg):
         ref_logps = torch.cat([response_logps(ref, data[i:i + 256], device) for i in range(0, len(data), 256)])
         held_ref = response_logps(ref, held, device)
     before = {**sft.evaluate_policy(policy, task), "kl": sft.kl_to_reference(policy, ref, task)}  # 0: pi = pi_ref
-    rank = gpt.rank()
 
     def get_batch(i):
-        rng = random.Random(train_cfg.seed * 1_000_003 + 7919 * rank + i)
+        rng = gpt.step_rng(train_cfg.seed, i)
         idx = [rng.randrange(len(data)) for _ in range(train_cfg.batch_size)]
         return [data[j] for j in idx], ref_logps[idx]
 
     def loss_fn(net, batch):
         comparisons, ref_b = batch
         loss, stats = preference_step(response_logps(net, comparisons, device), ref_b, cfg)
-        return loss, {"tokens": sum(len(y) + 1 for _, ys, _ in comparisons for y in ys),
-                      "margin": stats["rewards/margins"], "acc": stats["rewards/accuracies"]}
+        return loss + gpt.aux_loss(policy), {"tokens": sum(len(y) + 1 for _, ys, _ in comparisons for y in ys),
+                                             "margin": stats["rewards/margins"], "acc": stats["rewards/accuracies"]}
 
     def evaluate(m):
         _, stats = preference_step(response_logps(m, held, device), held_ref, dataclasses.replace(cfg, loss="sigmoid"))
         return {**{f"heldout_{k}": v for k, v in stats.items()}, **sft.evaluate_policy(m, task),
                 "kl": sft.kl_to_reference(m, ref, task)}
 
-    result = gpt.train(policy, train_cfg, get_batch, loss_fn, evaluate, os.path.join(train_cfg.out_dir, "dpo.pt"),
-                       desc="dpo")
-    return policy, sft.before_after(before, result)
+    meta = {"stage": "dpo", "config": dataclasses.asdict(policy.cfg), "task": task.identity,
+            "pref": dataclasses.asdict(pref), "dpo": dataclasses.asdict(cfg), "built_from": {"sft": gpt.provenance(sft_ckpt)}}
+    m = sft.before_after(before, gpt.train(policy, train_cfg, get_batch, loss_fn, evaluate, path, meta, desc="dpo"))
+    if gpt.rank() == 0:
+        gpt.print_table(f"DPO ({cfg.loss}, beta={cfg.beta}) on held-out prompts: SFT -> aligned",
+                        sft.before_after_rows(m) + [("held-out preference accuracy",
+                                                     f"{m['heldout_rewards/accuracies']:.1%}"),
+                                                    ("train seconds", m["train_seconds"])])
+        gpt.write_metrics("dpo", m, train_cfg.out_dir)
+    return policy, m
 
 
 def main(argv=None):
-    task, pref, cfg, train_cfg = gpt.parse_args(list(dpo_defaults()), argv, description="DPO on simulated preferences")
-    _, m = train_dpo(task, pref, cfg, train_cfg)
-    if gpt.rank() != 0:
-        return
-    gpt.print_table(f"DPO ({cfg.loss}, beta={cfg.beta}) on held-out prompts: SFT -> aligned", sft.before_after_rows(m) + [
-        ("held-out preference accuracy", f"{m['heldout_rewards/accuracies']:.1%}"), ("train seconds", m["train_seconds"])])
-    gpt.write_metrics("dpo", m, train_cfg.out_dir)
+    train_dpo(*gpt.parse_args(list(dpo_defaults()), argv, description="DPO on simulated preferences"))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ weight the K-sample draw gives to y. As K grows, w_i -> exp(r_i / beta) / (K E_r
 the self-normalised importance weights of pi* against the proposal pi_ref, so c(y) ->
 pi_ref(y) exp(r(y) / beta) / E_ref[exp(r / beta)] = pi*(y): the normaliser Z is estimated by the
 sum over the K samples instead of being computed. For small K the estimate is biased towards
-pi_ref (tests/test_all.py measures the distance shrinking with K). `--online` draws the K samples
+pi_ref (test_all.py measures the distance shrinking with K). `--online` draws the K samples
 from the current policy instead, which tilts it again at every step (repeated tilting: it keeps
 moving past pi*, towards the reward's argmax, as beta -> 0 would).
 
@@ -22,8 +22,8 @@ clipped importance ratio of PPO per token, and kl_coef * KL(pi || pi_ref) per to
 estimator exp(q) - q - 1, q = log pi_ref - log pi; loss averaged per token or per sequence.
 """
 import copy
+import dataclasses
 import os
-import random
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +31,7 @@ import torch
 import gpt
 import reward
 import sft
-from gpt import UserError, arg
+from gpt import arg
 
 
 def gpro_weights(rewards, beta):
@@ -67,7 +67,7 @@ def grpo_loss(logp, old_logp, ref_logp, adv, mask, clip_eps=0.2, beta=0.04, per_
 # ----------------------------------------------------------------------------------------------
 # Training on the arithmetic task
 
-@dataclass
+@dataclass(frozen=True)
 class GPROConfig:
     algo: str = arg("gpro", "gpro (weighted likelihood, notes 10.9) | grpo (group advantages, clipped ratio, k3 KL)")
     k: int = arg(8, "responses sampled per prompt")
@@ -81,13 +81,11 @@ class GPROConfig:
     per_token: bool = arg(True, "grpo: average the loss over tokens (else over responses)")
 
     def __post_init__(self):
-        if self.algo not in ("gpro", "grpo"):
-            raise UserError(f"algo={self.algo!r} is not one of gpro, grpo")
-        if self.reward not in ("true", "exact", "rm"):
-            raise UserError(f"reward={self.reward!r} is not one of true, exact, rm")
-        if self.k < 2 or self.beta <= 0 or self.kl_coef < 0:
-            raise UserError(f"need k >= 2, beta > 0 and kl_coef >= 0, got k={self.k}, beta={self.beta}, "
-                            f"kl_coef={self.kl_coef}")
+        gpt.check_choice(self, "algo", ("gpro", "grpo"))
+        gpt.check_choice(self, "reward", ("true", "exact", "rm"))
+        gpt.check(self.k >= 2 and self.beta > 0 and self.kl_coef >= 0, f"need k >= 2, beta > 0 and kl_coef >= 0, "
+                  f"got k={self.k}, beta={self.beta}, kl_coef={self.kl_coef}")
+        gpt.check(0 < self.clip_eps < 1, f"clip_eps must be in (0, 1), got {self.clip_eps}")
 
 
 def gpro_defaults():
@@ -97,29 +95,30 @@ def gpro_defaults():
 
 
 def train_gpro(task, cfg, train_cfg):
+    """The whole stage: SFT policy (and the reward model for --reward rm) -> GPRO or GRPO, the before/after
+    table and out_dir/gpro_metrics.json. Returns (policy, metrics)."""
     device = gpt.pick_device(train_cfg.device)
-    policy = sft.load_sft_policy(train_cfg, device)
+    path = os.path.join(train_cfg.out_dir, f"{cfg.algo}.pt")
+    gpt.claim_checkpoint(path, train_cfg)
+    policy, sft_ckpt = sft.load_sft_policy(task, train_cfg, device)
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
-    if cfg.reward == "rm":
-        rm = reward.load_reward_stage(train_cfg, device)
+    rm = reward.load_reward_stage(task, train_cfg, device) if cfg.reward == "rm" else None
     before = {**sft.evaluate_policy(policy, task), "kl": sft.kl_to_reference(policy, ref, task)}
-    rank = gpt.rank()
 
     def score(prompts, responses):
         """Rewards (B, K) of the K responses of each prompt."""
-        if cfg.reward in ("true", "exact"):
-            r = torch.tensor([[sft.true_reward(a, b, gpt.decode(y)) for y in ys]
-                              for (a, b), ys in zip(prompts, responses)], device=device)
-            return (r == 1).float() if cfg.reward == "exact" else r  # r* is 1 exactly when correct
-        comparisons = [(p, ys, None) for p, ys in zip(prompts, responses)]
-        with torch.no_grad():
-            return reward.score(rm, comparisons, device)
+        flat_p, flat_y = [p for p in prompts for _ in range(cfg.k)], [y for ys in responses for y in ys]
+        if rm is not None:
+            with torch.no_grad():
+                return reward.rewards(rm, flat_p, flat_y, device).view(-1, cfg.k)
+        r = torch.tensor(sft.true_rewards(flat_p, flat_y), device=device).view(-1, cfg.k)
+        return (r == 1).float() if cfg.reward == "exact" else r  # r* is 1 exactly when correct
 
     def get_batch(i):
-        rng = random.Random(train_cfg.seed * 1_000_003 + 7919 * rank + i)
+        rng = gpt.step_rng(train_cfg.seed, i)
         prompts = sft.sample_prompts(task, train_cfg.batch_size, rng)
         sampler = policy if (cfg.algo == "grpo" or cfg.online) else ref  # GPRO: K draws from pi_ref
-        responses = reward.sample_responses(sampler, prompts, cfg.k, 1.0, seed=rng.randrange(2 ** 31))
+        responses = reward.sample_responses(sampler, task, prompts, cfg.k, 1.0, seed=rng.randrange(2 ** 31))
         return prompts, responses, score(prompts, responses)
 
     def loss_fn(net, batch):
@@ -131,32 +130,32 @@ def train_gpro(task, cfg, train_cfg):
         if cfg.algo == "gpro":  # entropy of the weights: ln K when uniform, 0 when one sample takes all
             w = gpro_weights(r, cfg.beta)
             stats["weight_entropy"] = -(w * w.clamp_min(1e-12).log()).sum(-1).mean().item()
-            return gpro_loss(logp.view(-1, cfg.k), r, cfg.beta), stats
+            return gpro_loss(logp.view(-1, cfg.k), r, cfg.beta) + gpt.aux_loss(policy), stats
         stats["zero_spread"] = (r.std(-1) == 0).float().mean().item()  # groups that teach nothing
         with torch.no_grad():
             ref_tok, _ = gpt.sequence_logprobs(ref, ids, target)
         # one update per rollout: the old policy is the current one, so the ratio is 1 (with gradient)
         adv = grpo_advantages(r, cfg.std_norm).flatten()
         return grpo_loss(per_token, per_token.detach(), ref_tok, adv, target.float(), cfg.clip_eps, cfg.kl_coef,
-                         cfg.per_token), stats
+                         cfg.per_token) + gpt.aux_loss(policy), stats
 
     def evaluate(m):
         return {**sft.evaluate_policy(m, task), "kl": sft.kl_to_reference(m, ref, task)}
 
-    result = gpt.train(policy, train_cfg, get_batch, loss_fn, evaluate,
-                       os.path.join(train_cfg.out_dir, f"{cfg.algo}.pt"), desc=cfg.algo)
-    return policy, sft.before_after(before, result)
+    meta = {"stage": cfg.algo, "config": dataclasses.asdict(policy.cfg), "task": task.identity,
+            "gpro": dataclasses.asdict(cfg), "built_from": {"sft": gpt.provenance(sft_ckpt)}}
+    m = sft.before_after(before, gpt.train(policy, train_cfg, get_batch, loss_fn, evaluate, path, meta,
+                                           desc=cfg.algo))
+    if gpt.rank() == 0:
+        strength = f"beta={cfg.beta}" if cfg.algo == "gpro" else f"kl_coef={cfg.kl_coef}"
+        gpt.print_table(f"{cfg.algo.upper()} (K={cfg.k}, {strength}, reward={cfg.reward}) on held-out prompts",
+                        sft.before_after_rows(m) + [("train seconds", m["train_seconds"])])
+        gpt.write_metrics("gpro", {**m, "algo": cfg.algo}, train_cfg.out_dir)
+    return policy, m
 
 
 def main(argv=None):
-    task, cfg, train_cfg = gpt.parse_args(list(gpro_defaults()), argv, description="GPRO / GRPO from scalar rewards")
-    _, m = train_gpro(task, cfg, train_cfg)
-    if gpt.rank() != 0:
-        return
-    strength = f"beta={cfg.beta}" if cfg.algo == "gpro" else f"kl_coef={cfg.kl_coef}"
-    gpt.print_table(f"{cfg.algo.upper()} (K={cfg.k}, {strength}, reward={cfg.reward}) on held-out prompts",
-                    sft.before_after_rows(m) + [("train seconds", m["train_seconds"])])
-    gpt.write_metrics("gpro", {**m, "algo": cfg.algo}, train_cfg.out_dir)
+    train_gpro(*gpt.parse_args(list(gpro_defaults()), argv, description="GPRO / GRPO from scalar rewards"))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ right expected return at the start. It learns at --critic_lr_scale
 times the policy's learning rate, since it must track returns the policy changes every rollout.
 """
 import copy
+import dataclasses
 import os
 import random
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ import torch.nn as nn
 import gpt
 import reward
 import sft
-from gpt import EOS, UserError, arg
+from gpt import EOS, arg
 
 
 def gae(rewards, values, dones, gamma, lam):
@@ -91,26 +92,32 @@ def kl_full(logp, ref_logp):
     return (logp.exp() * (logp - ref_logp)).sum(-1)
 
 
-class ActorCritic(nn.Module):
-    """The two trained networks in one module, so the shared training loop (and DDP) sees one forward."""
+class Critic(nn.Module):
+    """V_psi(s_t): a transformer trunk and a scalar value head on its hidden state at each position."""
 
-    def __init__(self, policy, rm, critic_lr_scale=1.0):
+    def __init__(self, trunk):
         super().__init__()
-        self.policy, self.cfg = policy, policy.cfg
-        self.critic, self.value_head = copy.deepcopy(rm.backbone), nn.Linear(rm.cfg.n_embd, 1)
-        nn.init.zeros_(self.value_head.weight)
-        nn.init.zeros_(self.value_head.bias)
-        for p in [*self.critic.parameters(), *self.value_head.parameters()]:
-            p.requires_grad_(True)
-            p.lr_scale = critic_lr_scale  # read by gpt.make_optimizer
+        self.trunk, self.head = trunk, nn.Linear(trunk.cfg.n_embd, 1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, idx, attn_mask=None):
+        return self.head(self.trunk.hidden_states(idx, attn_mask)).squeeze(-1).float()      # (B, T)
+
+
+class ActorCritic(nn.Module):
+    """The two trained networks in one module, so that one forward (and DDP) serves both."""
+
+    def __init__(self, policy, critic):
+        super().__init__()
+        self.policy, self.critic = policy, critic
 
     def forward(self, idx, attn_mask=None):
         """Policy logits (B, T, V) and V_psi of the state that ends at each position (B, T)."""
-        values = self.value_head(self.critic.hidden(idx, attn_mask)).squeeze(-1).float()
-        return self.policy(idx, attn_mask=attn_mask), values
+        return self.policy(idx, attn_mask=attn_mask), self.critic(idx, attn_mask)
 
 
-@dataclass
+@dataclass(frozen=True)
 class PPOConfig:
     reward: str = arg("rm", "rm (out_dir/reward.pt, trained by reward.py if missing) | true (the task's r*)")
     beta: float = arg(0.2, "KL coefficient beta of eq. 12")
@@ -132,27 +139,27 @@ class PPOConfig:
     whiten_adv: bool = arg(True, "whiten the advantages over the rollout's response tokens")
 
     def __post_init__(self):
-        if self.reward not in ("rm", "true"):
-            raise UserError(f"reward={self.reward!r} is not one of rm, true")
-        if self.kl_mode not in ("shaping", "loss"):
-            raise UserError(f"kl_mode={self.kl_mode!r} is not one of shaping, loss")
-        if self.beta < 0 or self.kl_target < 0 or self.temperature <= 0:
-            raise UserError("need beta >= 0, kl_target >= 0 and temperature > 0")
-        if min(self.epochs, self.minibatches) < 1:
-            raise UserError("epochs and minibatches must be >= 1")
-        if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1 and 0 < self.clip_eps < 1):
-            raise UserError("need gamma and lam in [0, 1] and clip_eps in (0, 1)")
+        gpt.check_choice(self, "reward", ("rm", "true"))
+        gpt.check_choice(self, "kl_mode", ("shaping", "loss"))
+        gpt.check(self.beta >= 0 and self.kl_target >= 0 and self.temperature > 0,
+                  "need beta >= 0, kl_target >= 0 and temperature > 0")
+        gpt.check(min(self.epochs, self.minibatches) >= 1, "epochs and minibatches must be >= 1")
+        gpt.check(0 <= self.gamma <= 1 and 0 <= self.lam <= 1 and 0 < self.clip_eps < 1,
+                  "need gamma and lam in [0, 1] and clip_eps in (0, 1)")
+        gpt.check(self.value_clip >= 0 and self.critic_lr_scale > 0 and self.c_v >= 0 and self.c_e >= 0,
+                  "need value_clip >= 0, critic_lr_scale > 0, c_v >= 0 and c_e >= 0")
+        gpt.check(self.missing_eos_penalty >= 0, f"missing_eos_penalty must be >= 0, got {self.missing_eos_penalty}")
+        gpt.check_sampling(self.temperature, self.top_k, self.top_p)
 
 
 @torch.no_grad()
-def rollout(model, ref, prompts, score, cfg, beta, generator, dtype="auto"):
+def rollout(model, ref, task, prompts, score, cfg, beta, generator, dtype="auto"):
     """Step 1 and 2 of the nested loop for one batch of prompts: sample with theta_old, record the old
     and reference log-probs and values, and compute the rewards, advantages and value targets.
     score(prompts, responses) -> (R (B,), stats). Returns the batch (a dict of (B, T) tensors) and stats."""
     device = next(model.parameters()).device
-    n_new = max(len(str(a + b)) for a, b in prompts) + 2
-    outs = gpt.generate(model.policy, [sft.prompt_tokens(a, b) for a, b in prompts], n_new, cfg.temperature,
-                        cfg.top_k, cfg.top_p, generator=generator)
+    outs = gpt.generate(model.policy, [sft.prompt_tokens(a, b) for a, b in prompts], task.max_response_tokens,
+                        cfg.temperature, cfg.top_k, cfg.top_p, generator=generator)
     ids, resp = sft.pack_generated(prompts, outs, device)
     mask = resp.float()
     with gpt.autocast(device, dtype):  # the precision of the update, so that the first ratio is exactly 1
@@ -208,85 +215,91 @@ def ppo_defaults():
 
 
 def train_ppo(task, cfg, train_cfg):
+    """The whole stage: SFT policy and reward model -> the nested PPO loop (rollout, then epochs, then
+    token-step minibatches), the before/after table and out_dir/ppo_metrics.json. Returns (policy, metrics)."""
+    gpt.check(train_cfg.grad_accum == 1, "PPO's minibatches are its accumulation: use --minibatches, not --grad_accum")
     device = gpt.pick_device(train_cfg.device)
-    policy = sft.load_sft_policy(train_cfg, device)
+    path = os.path.join(train_cfg.out_dir, "ppo.pt")
+    gpt.claim_checkpoint(path, train_cfg)
+    policy, sft_ckpt = sft.load_sft_policy(task, train_cfg, device)
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
-    rm = reward.load_reward_stage(train_cfg, device).requires_grad_(False)
-    model = ActorCritic(policy, rm, cfg.critic_lr_scale).to(device)
+    rm = reward.load_reward_stage(task, train_cfg, device).requires_grad_(False)
+    # The critic is a trunk initialised from the reward model's, trained (requires_grad on again).
+    critic = Critic(copy.deepcopy(rm.backbone).requires_grad_(True)).to(device)
+    model = ActorCritic(policy, critic)
+    held = sft.heldout_prompts(task)
 
     def heldout(pi):
         """Held-out accuracy, r* and KL, and the reward model's mean score of held-out samples: when it
         climbs while r* falls, the policy is exploiting the reward model (over-optimisation)."""
-        prompts = sft.heldout_prompts(task)
-        responses = reward.sample_responses(pi, prompts, 1, cfg.temperature, seed=0)
-        rm_score = reward.score(rm, [(p, ys, None) for p, ys in zip(prompts, responses)], device).mean().item()
-        return {**sft.evaluate_policy(pi, task), "kl": sft.kl_to_reference(pi, ref, task), "rm_score": rm_score}
-
-    before = heldout(policy)
+        responses = [ys[0] for ys in reward.sample_responses(pi, task, held, 1, cfg.temperature, seed=0)]
+        return {**sft.evaluate_policy(pi, task), "kl": sft.kl_to_reference(pi, ref, task),
+                "rm_score": reward.rewards(rm, held, responses, device).mean().item()}
 
     def score(prompts, responses):
         """R (B,) from the reward model or r*, and both means for the log: their gap is over-optimisation."""
-        true = torch.tensor([sft.true_reward(a, b, gpt.decode(y)) for (a, b), y in zip(prompts, responses)],
-                            device=device)
-        rm_score = reward.score(rm, [(p, [y], None) for p, y in zip(prompts, responses)], device)[:, 0]
-        R = rm_score if cfg.reward == "rm" else true
-        return R, {"r_true": true.mean().item(), "r_rm": rm_score.mean().item()}
+        true = torch.tensor(sft.true_rewards(prompts, responses), device=device)
+        rm_score = reward.rewards(rm, prompts, responses, device)
+        return (rm_score if cfg.reward == "rm" else true), {"r_true": true.mean().item(), "r_rm": rm_score.mean().item()}
 
+    before = heldout(policy)
     # V starts at the SFT policy's mean reward on training prompts (about 0 for the reward model, which is
     # normalised that way; about 0.87 for r*). A critic that starts far off makes GAE's advantages depend
     # on the position in the response (A_t = lam^(T-t) R - V for V = 0), which the policy then learns.
     prompts = sft.sample_prompts(task, 256, random.Random(train_cfg.seed - 1))
-    responses = reward.sample_responses(policy, prompts, 1, cfg.temperature, seed=train_cfg.seed - 1)
+    responses = reward.sample_responses(policy, task, prompts, 1, cfg.temperature, seed=train_cfg.seed - 1)
     with torch.no_grad():
-        model.value_head.bias.fill_(score(prompts, [ys[0] for ys in responses])[0].mean().item())
-    steps_per_rollout = cfg.epochs * cfg.minibatches
-    state = {"k": None, "beta": cfg.beta}
-    rank = gpt.rank()
+        critic.head.bias.fill_(score(prompts, [ys[0] for ys in responses])[0].mean().item())
+    meta = {"stage": "ppo", "config": dataclasses.asdict(policy.cfg), "task": task.identity,
+            "ppo": dataclasses.asdict(cfg), "built_from": {"sft": gpt.provenance(sft_ckpt)}}
+    run = gpt.Trainer(model, train_cfg, path, meta, groups=[(policy, 1.0), (critic, cfg.critic_lr_scale)],
+                      saved={"model": policy, "critic": critic}, desc="ppo")
+    run.state.setdefault("beta", cfg.beta)
+    while not run.done:
+        # 1-2. Rollout k with theta_old = the current policy: samples, log-probs, values, rewards, GAE
+        k, start = run.step // (cfg.epochs * cfg.minibatches), run.step
+        rng = gpt.step_rng(train_cfg.seed, k)
+        prompts = sft.sample_prompts(task, train_cfg.batch_size, rng)
+        g = torch.Generator(device=device).manual_seed(rng.randrange(2 ** 31))
+        model.eval()
+        batch, rollout_stats = rollout(model, ref, task, prompts, score, cfg, run.state["beta"], g, train_cfg.dtype)
+        model.train()
+        if cfg.kl_target:  # adaptive KL coefficient (Ziegler et al. 2019): proportional control of beta
+            error = max(-0.2, min(0.2, rollout_stats["kl_ref"] / cfg.kl_target - 1))
+            run.state["beta"] *= 1 + 0.1 * error
+        # 3. E epochs over the rollout, each split into token-step minibatches (a random partition of its tokens)
+        resp = batch["resp"].bool()
+        for epoch in range(cfg.epochs):
+            part_of = torch.randint(cfg.minibatches, resp.shape, generator=random_generator(rng)).to(device)
+            for part in range(cfg.minibatches):
+                if run.done:
+                    break
+                run.optimizer_step(lambda micro: with_stats(
+                    ppo_loss(run.net, batch, resp & (part_of == part), cfg, run.state["beta"]), rollout_stats))
+        if run.due(since=start):
+            run.validate(lambda m: heldout(m.policy))
+    m = sft.before_after(before, run.finish())
+    if gpt.rank() == 0:
+        gpt.print_table(f"PPO (reward={cfg.reward}, beta={cfg.beta}, kl_mode={cfg.kl_mode}) on held-out prompts",
+                        sft.before_after_rows(m) + [
+                            ("reward model score, sampled", f"{m['before']['rm_score']:.3f} -> {m['rm_score']:.3f}"),
+                            ("train seconds", m["train_seconds"])])
+        gpt.write_metrics("ppo", m, train_cfg.out_dir)
+    return policy, m
 
-    def get_batch(i):
-        """The i-th optimizer step is minibatch i % M of epoch (i // M) % E of rollout i // (E M)."""
-        k, j = divmod(i, steps_per_rollout)
-        if state["k"] != k:  # a new rollout with the current policy, which becomes theta_old
-            rng = random.Random(train_cfg.seed * 1_000_003 + 7919 * rank + k)
-            prompts = sft.sample_prompts(task, train_cfg.batch_size, rng)
-            g = torch.Generator(device=device).manual_seed(rng.randrange(2 ** 31))
-            model.eval()
-            state["batch"], state["stats"] = rollout(model, ref, prompts, score, cfg, state["beta"], g,
-                                                     train_cfg.dtype)
-            model.train()
-            state["k"] = k
-            if cfg.kl_target:  # adaptive KL coefficient (Ziegler et al. 2019): proportional control of beta
-                error = max(-0.2, min(0.2, state["stats"]["kl_ref"] / cfg.kl_target - 1))
-                state["beta"] *= 1 + 0.1 * error
-        epoch, part = divmod(j, cfg.minibatches)
-        resp = state["batch"]["resp"].bool()
-        g = torch.Generator().manual_seed(train_cfg.seed * 1_000_003 + k * 1009 + epoch)
-        assign = torch.randint(cfg.minibatches, resp.shape, generator=g).to(device)  # token -> minibatch
-        return state["batch"], resp & (assign == part), state["stats"]
 
-    def loss_fn(net, batch):
-        data, mask, rollout_stats = batch
-        loss, stats = ppo_loss(net, data, mask, cfg, state["beta"])
-        return loss, {**rollout_stats, **stats}
+def random_generator(rng):
+    """A torch CPU generator seeded from the Python stream rng."""
+    return torch.Generator().manual_seed(rng.randrange(2 ** 31))
 
-    def evaluate(m):
-        return heldout(m.policy)
 
-    result = gpt.train(model, train_cfg, get_batch, loss_fn, evaluate, os.path.join(train_cfg.out_dir, "ppo.pt"),
-                       desc="ppo")
-    return policy, sft.before_after(before, result)
+def with_stats(loss_and_stats, extra):
+    loss, stats = loss_and_stats
+    return loss, {**extra, **stats}
 
 
 def main(argv=None):
-    task, cfg, train_cfg = gpt.parse_args(list(ppo_defaults()), argv, description="RLHF with PPO")
-    _, m = train_ppo(task, cfg, train_cfg)
-    if gpt.rank() != 0:
-        return
-    gpt.print_table(f"PPO (reward={cfg.reward}, beta={cfg.beta}, kl_mode={cfg.kl_mode}) on held-out prompts",
-                    sft.before_after_rows(m) + [
-                        ("reward model score, sampled", f"{m['before']['rm_score']:.3f} -> {m['rm_score']:.3f}"),
-                        ("train seconds", m["train_seconds"])])
-    gpt.write_metrics("ppo", m, train_cfg.out_dir)
+    train_ppo(*gpt.parse_args(list(ppo_defaults()), argv, description="RLHF with PPO"))
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from kernels import attention
 # 1. Preference data
 
 
-@dataclass
+@dataclass(frozen=True)
 class PrefConfig:
     n_pairs: int = arg(24000, "training comparisons (pairs, or K-way rankings for --loss listwise)")
     n_eval: int = arg(1000, "held-out comparisons, on held-out prompts")
@@ -43,12 +43,10 @@ class PrefConfig:
     sample_temperature: float = arg(1.0, "temperature of the SFT policy's samples")
 
     def __post_init__(self):
-        if self.tau <= 0:
-            raise UserError(f"tau must be > 0, got {self.tau}")
-        if self.k < 2:
-            raise UserError(f"k must be >= 2, got {self.k}")
-        if self.n_pairs < 1 or self.n_eval < 1:
-            raise UserError("n_pairs and n_eval must be >= 1")
+        gpt.check(self.tau > 0, f"tau must be > 0, got {self.tau}")
+        gpt.check(self.k >= 2, f"k must be >= 2, got {self.k}")
+        gpt.check(self.n_pairs >= 1 and self.n_eval >= 1, "n_pairs and n_eval must be >= 1")
+        gpt.check(self.sample_temperature > 0, f"sample_temperature must be > 0, got {self.sample_temperature}")
 
 
 def bt_prob(r1, r2, tau):
@@ -70,17 +68,17 @@ def plackett_luce_ranking(rewards, tau, rng):
 
 
 @torch.no_grad()
-def sample_responses(policy, prompts, k, temperature, seed, batch=256):
+def sample_responses(policy, task, prompts, k, temperature, seed, batch=256):
     """k responses (token lists, without <eos>) per prompt from the policy, batched with the KV cache."""
     device = next(policy.parameters()).device
     g = torch.Generator(device=device).manual_seed(seed)
-    flat = [p for p in prompts for _ in range(k)]
-    out = []
+    flat = [sft.prompt_tokens(a, b) for a, b in prompts for _ in range(k)]
+    out, bar = [], gpt.Progress(len(flat), "sampling", enabled=gpt.rank() == 0 and len(flat) > batch)
     for i in range(0, len(flat), batch):
-        chunk = flat[i:i + batch]
-        n_new = max(len(str(a + b)) for a, b in chunk) + 2
-        gen = gpt.generate(policy, [sft.prompt_tokens(a, b) for a, b in chunk], n_new, temperature, generator=g)
-        out += [sft.strip_eos(o) for o in gen]
+        out += [sft.strip_eos(o) for o in gpt.generate(policy, flat[i:i + batch], task.max_response_tokens,
+                                                        temperature, generator=g)]
+        bar.update(len(flat[i:i + batch]))
+    bar.close()
     return [out[j * k:(j + 1) * k] for j in range(len(prompts))]
 
 
@@ -92,9 +90,9 @@ def make_comparisons(policy, task, n, k, tau, temperature, seed, heldout=False):
     data = []
     for _ in range(20):
         prompts = sft.sample_prompts(task, n - len(data), rng, heldout=heldout)
-        for p, ys in zip(prompts, sample_responses(policy, prompts, k, temperature, rng.randrange(2 ** 31))):
+        for p, ys in zip(prompts, sample_responses(policy, task, prompts, k, temperature, rng.randrange(2 ** 31))):
             if len({tuple(y) for y in ys}) > 1:
-                r = [sft.true_reward(*p, gpt.decode(y)) for y in ys]
+                r = sft.true_rewards([p] * k, ys)
                 order = plackett_luce_ranking(r, tau, rng)
                 data.append((p, [ys[i] for i in order], [r[i] for i in order]))
         if len(data) == n:
@@ -112,7 +110,7 @@ def noise_ceiling(data, tau):
 # ----------------------------------------------------------------------------------------------
 # 2. The reward model
 
-@dataclass
+@dataclass(frozen=True)
 class RewardConfig:
     pooling: str = arg("last", "last (last non-pad token) | mean (over the response) | eos (the <eos> token) | "
                                "latent (M learned latents cross-attend to the sequence, notes 4.5-4.6)")
@@ -122,12 +120,11 @@ class RewardConfig:
     target_gap: float = arg(2.0, "MSE target gap t")
 
     def __post_init__(self):
-        if self.pooling not in ("last", "mean", "eos", "latent"):
-            raise UserError(f"pooling={self.pooling!r} is not one of last, mean, eos, latent")
-        if self.n_latents < 1:
-            raise UserError(f"n_latents must be >= 1, got {self.n_latents}")
-        if self.loss not in ("bt", "hinge", "mse", "listwise"):
-            raise UserError(f"loss={self.loss!r} is not one of bt, hinge, mse, listwise")
+        gpt.check_choice(self, "pooling", ("last", "mean", "eos", "latent"))
+        gpt.check(self.n_latents >= 1, f"n_latents must be >= 1, got {self.n_latents}")
+        gpt.check_choice(self, "loss", ("bt", "hinge", "mse", "listwise"))
+        gpt.check(self.margin > 0 and self.target_gap > 0, f"margin and target_gap must be > 0, got {self.margin}, "
+                  f"{self.target_gap}")
 
 
 class CrossAttention(nn.Module):
@@ -182,7 +179,7 @@ class RewardModel(nn.Module):
 
     def __init__(self, backbone: gpt.GPT, pooling="last", n_latents=RewardConfig.n_latents):
         super().__init__()
-        self.backbone, self.pooling, self.cfg = backbone, pooling, backbone.cfg
+        self.backbone, self.pooling = backbone, pooling
         backbone.lm_head = nn.Identity()  # headless (tied embeddings stay in wte)
         if pooling == "latent":
             self.latent = LatentBlock(backbone.cfg, n_latents)
@@ -193,7 +190,7 @@ class RewardModel(nn.Module):
     def forward(self, ids, attn_mask, response_mask):
         """ids, attn_mask, response_mask: (B, T); response_mask marks the response and its <eos>.
         Padding may be on either side. Returns rewards (B,)."""
-        h = self.backbone.hidden(ids, attn_mask)                                 # (B, T, C)
+        h = self.backbone.hidden_states(ids, attn_mask)                          # (B, T, C)
         if self.pooling == "latent":
             p = self.latent(h, attn_mask)                                        # (B, C)
         elif self.pooling == "mean":
@@ -234,16 +231,19 @@ def preference_loss(r, cfg):
     return (gap - cfg.target_gap).pow(2).mean()
 
 
-def score(rm, comparisons, device, batch=256):
-    """Rewards (N, K) of every response of every comparison."""
+def rewards(rm, prompts, responses, device, batch=256):
+    """R_phi(x, y) (N,) of each prompt and response (token list, without <eos>)."""
     out = []
-    for i in range(0, len(comparisons), batch):
-        chunk = comparisons[i:i + batch]
-        K = len(chunk[0][1])
-        prompts = [p for p, ys, _ in chunk for _ in ys]
-        ids, attn, resp = pack_for_rm(prompts, [y for _, ys, _ in chunk for y in ys], device=device)
-        out.append(rm(ids, attn, resp).view(len(chunk), K))
+    for i in range(0, len(prompts), batch):
+        out.append(rm(*pack_for_rm(prompts[i:i + batch], responses[i:i + batch], device=device)))
     return torch.cat(out)
+
+
+def score(rm, comparisons, device):
+    """Rewards (N, K) of every response of every comparison."""
+    K = len(comparisons[0][1])
+    return rewards(rm, [p for p, ys, _ in comparisons for _ in ys], [y for _, ys, _ in comparisons for y in ys],
+                   device).view(len(comparisons), K)
 
 
 def pearson(x, y):
@@ -251,51 +251,66 @@ def pearson(x, y):
     return (x * y).sum() / (x.norm() * y.norm() + 1e-12)
 
 
-def load_reward_model(path, device="cpu"):
-    ckpt = gpt.load_checkpoint(path)
+def build_reward_model(ckpt, path):
     try:
-        rm = RewardModel(gpt.GPT(gpt.GPTConfig(**ckpt["config"])), ckpt["pooling"],
-                         ckpt.get("n_latents", RewardConfig.n_latents))
+        rm = RewardModel(gpt.GPT(gpt.GPTConfig(**ckpt["config"])), ckpt["reward_model"]["pooling"],
+                         ckpt["reward_model"]["n_latents"])
         rm.load_state_dict(ckpt["model"])
     except (KeyError, TypeError, RuntimeError) as e:
         raise UserError(f"{path} is not a reward model of this version of reward.py ({str(e).splitlines()[0]}); "
                         "delete it and run reward.py again") from None
-    return rm.to(device).eval()
+    return rm
 
 
-def reward_defaults(out_dir="out", device="auto"):
+def load_reward_model(path, device="cpu"):
+    return build_reward_model(gpt.load_checkpoint(path), path).to(device).eval()
+
+
+def reward_defaults():
     """The configs of `python reward.py` (also what a later stage runs when out/reward.pt is missing)."""
     return (sft.TaskConfig(), PrefConfig(), RewardConfig(),
             gpt.TrainConfig(max_steps=3000, batch_size=32, lr=3e-4, min_lr=3e-5, warmup_steps=30,
-                            eval_interval=1000, weight_decay=0.0, out_dir=out_dir, device=device))
+                            eval_interval=1000, weight_decay=0.0))
 
 
-def load_reward_stage(train_cfg, device):
-    """out_dir/reward.pt; trained first with this script's defaults when it is missing."""
-    return gpt.load_stage(os.path.join(train_cfg.out_dir, "reward.pt"),
-                          lambda: train_reward(*reward_defaults(train_cfg.out_dir, train_cfg.device)), device,
-                          load=load_reward_model)
+def load_reward_stage(task, train_cfg, device):
+    """out_dir/reward.pt, checked to be finished and built for this task; trained first with this script's
+    defaults (and the caller's task, seed, device, dtype) when it is missing. Returns the reward model."""
+    _, pref, rcfg, defaults = reward_defaults()
+    rm, _ = gpt.load_stage(os.path.join(train_cfg.out_dir, "reward.pt"), "reward", lambda: train_reward(
+        task, pref, rcfg, gpt.inherit(defaults, train_cfg)), device, requires={"task": task.identity},
+        build=build_reward_model)
+    return rm.eval()
+
+
+def comparison_batches(data, batch_size, seed):
+    """get_batch(i): batch_size comparisons drawn from data with step i's random stream."""
+    def get_batch(i):
+        rng = gpt.step_rng(seed, i)
+        return [data[rng.randrange(len(data))] for _ in range(batch_size)]
+    return get_batch
 
 
 def train_reward(task, pref, rcfg, train_cfg):
-    """The whole stage: SFT policy -> comparisons -> reward model. Returns (reward model, metrics)."""
+    """The whole stage: SFT policy -> comparisons -> reward model, the table and out_dir/reward_metrics.json.
+    Returns (reward model, metrics)."""
     device = gpt.pick_device(train_cfg.device)
-    policy = sft.load_sft_policy(train_cfg, device)
+    path = os.path.join(train_cfg.out_dir, "reward.pt")
+    gpt.claim_checkpoint(path, train_cfg)
+    policy, sft_ckpt = sft.load_sft_policy(task, train_cfg, device)
     k = pref.k if rcfg.loss == "listwise" else 2
-    print(f"sampling {pref.n_pairs} training and {pref.n_eval} held-out comparisons of {k} responses from the SFT policy")
+    if gpt.rank() == 0:
+        print(f"sampling {pref.n_pairs} training and {pref.n_eval} held-out comparisons of {k} responses from the "
+              "SFT policy")
     train_data = make_comparisons(policy, task, pref.n_pairs, k, pref.tau, pref.sample_temperature, train_cfg.seed)
     eval_data = make_comparisons(policy, task, pref.n_eval, 2, pref.tau, pref.sample_temperature,
                                  train_cfg.seed + 1, heldout=True)
     ceiling = noise_ceiling(eval_data, pref.tau)
     rm = RewardModel(copy.deepcopy(policy), rcfg.pooling, rcfg.n_latents)  # the SFT backbone; the policy intact
 
-    def get_batch(i):
-        rng = random.Random(train_cfg.seed * 1_000_003 + i)
-        return [train_data[rng.randrange(len(train_data))] for _ in range(train_cfg.batch_size)]
-
     def loss_fn(net, batch):
         r = score(net, batch, device)
-        return preference_loss(r, rcfg), {"tokens": sum(len(y) for _, ys, _ in batch for y in ys)}
+        return preference_loss(r, rcfg) + gpt.aux_loss(rm), {"tokens": sum(len(y) for _, ys, _ in batch for y in ys)}
 
     true_gap = torch.tensor([r[0] - r[1] for _, _, r in eval_data])
 
@@ -307,9 +322,11 @@ def train_reward(task, pref, rcfg, train_cfg):
                 "true_order_accuracy": ((gap > 0) == (true_gap > 0))[strict].float().mean().item(),
                 "eval_loss": preference_loss(r[:, :2], dataclasses.replace(rcfg, loss="bt")).item()}
 
-    path = os.path.join(train_cfg.out_dir, "reward.pt")
-    result = gpt.train(rm, train_cfg, get_batch, loss_fn, evaluate, path, desc="reward",
-                       ckpt_extra={"pooling": rcfg.pooling, "n_latents": rcfg.n_latents})
+    meta = {"stage": "reward", "config": dataclasses.asdict(policy.cfg), "task": task.identity,
+            "pref": dataclasses.asdict(pref), "reward_model": dataclasses.asdict(rcfg),
+            "built_from": {"sft": gpt.provenance(sft_ckpt)}}
+    get_batch = comparison_batches(train_data, train_cfg.batch_size, train_cfg.seed)
+    result = gpt.train(rm, train_cfg, get_batch, loss_fn, evaluate, path, meta, desc="reward")
     # Normalise: mean reward 0 on the SFT policy's own samples (the bias absorbs the shift; BT is
     # invariant to it, problem set 4.3(c)(i)), then correlation with r* on fresh samples.
     rm.eval()
@@ -319,20 +336,11 @@ def train_reward(task, pref, rcfg, train_cfg):
         rm.head.bias -= r.mean()
         r = r - r.mean()
     truth = torch.tensor([x for _, _, rs in fresh for x in rs])
-    result.update(noise_ceiling=ceiling, reward_r_star_correlation=pearson(r.flatten().cpu(), truth).item(),
-                  loss=rcfg.loss, pooling=rcfg.pooling)
-    if gpt.rank() == 0:
-        gpt.save_checkpoint(path, model=rm.state_dict(), config=dataclasses.asdict(rm.cfg), pooling=rcfg.pooling,
-                            n_latents=rcfg.n_latents, step=train_cfg.max_steps, metrics=result)
-    return rm, result
-
-
-def main(argv=None):
-    task, pref, rcfg, train_cfg = gpt.parse_args(list(reward_defaults()), argv,
-                                                 description="reward model on simulated preferences")
-    rm, m = train_reward(task, pref, rcfg, train_cfg)
+    m = {**result, "noise_ceiling": ceiling, "reward_r_star_correlation": pearson(r.flatten().cpu(), truth).item(),
+         "loss": rcfg.loss, "pooling": rcfg.pooling}
     if gpt.rank() != 0:
-        return
+        return rm, m
+    gpt.save_checkpoint(path, **{**gpt.load_checkpoint(path), "model": rm.state_dict(), "optimizer": None})
     gpt.print_table("reward model on held-out comparisons", [
         ("pairwise accuracy (labeller)", f"{m['pairwise_accuracy']:.1%}"),
         ("noise ceiling", f"{m['noise_ceiling']:.1%}"),
@@ -340,6 +348,11 @@ def main(argv=None):
         ("corr(reward, r*), fresh samples", m["reward_r_star_correlation"]),
         ("loss / pooling", f"{m['loss']} / {m['pooling']}"), ("train seconds", m["train_seconds"])])
     gpt.write_metrics("reward", m, train_cfg.out_dir)
+    return rm, m
+
+
+def main(argv=None):
+    train_reward(*gpt.parse_args(list(reward_defaults()), argv, description="reward model on simulated preferences"))
 
 
 if __name__ == "__main__":

@@ -28,25 +28,32 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import gpt
-from gpt import BOS, EOS, PAD, SEP, UserError, arg
+from gpt import BOS, EOS, PAD, SEP, arg
 
 # ----------------------------------------------------------------------------------------------
 # 1. The task: prompts, a sloppy demonstrator, the ground-truth scorer r*
 
 
-@dataclass
+@dataclass(frozen=True)
 class TaskConfig:
     digits: int = arg(3, "digits of each operand")
     slip: float = arg(0.4, "fraction of prompts on which the demonstrator forgets one carry")
     heldout: int = arg(200, "held-out prompts for evaluation (never trained on)")
 
     def __post_init__(self):
-        if not 1 <= self.digits <= 6:
-            raise UserError(f"digits must be in 1..6, got {self.digits}")
-        if not 0.0 <= self.slip <= 1.0:
-            raise UserError(f"slip must be in [0, 1], got {self.slip}")
-        if self.heldout < 1:
-            raise UserError(f"heldout must be >= 1, got {self.heldout}")
+        gpt.check(1 <= self.digits <= 6, f"digits must be in 1..6, got {self.digits}")
+        gpt.check(0.0 <= self.slip <= 1.0, f"slip must be in [0, 1], got {self.slip}")
+        gpt.check(self.heldout >= 1, f"heldout must be >= 1, got {self.heldout}")
+
+    @property
+    def identity(self):
+        """What a model trained on this task depends on (heldout only sizes the evaluation)."""
+        return {"digits": self.digits, "slip": self.slip}
+
+    @property
+    def max_response_tokens(self):
+        """The length limit of every sampled response: the longest sum (digits + 1), <eos>, one spare."""
+        return self.digits + 3
 
 
 def is_heldout(a, b):
@@ -116,6 +123,11 @@ def true_reward(a, b, response):
     return right / n
 
 
+def true_rewards(prompts, responses):
+    """r* of each (prompt, response token list) pair, as a list of floats."""
+    return [true_reward(a, b, gpt.decode(y)) for (a, b), y in zip(prompts, responses)]
+
+
 def prompt_tokens(a, b):
     """<bos> prompt <sep>: what the policy is conditioned on."""
     return [BOS] + gpt.encode(prompt_text(a, b)) + [SEP]
@@ -162,14 +174,13 @@ def evaluate_policy(model, task, prompts=None, seed=0):
     optimises) and the mean true reward r* of those samples."""
     prompts = prompts or heldout_prompts(task)
     inputs = [prompt_tokens(a, b) for a, b in prompts]
-    n_new = task.digits + 3
-    greedy = gpt.generate(model, inputs, n_new, temperature=0)
+    greedy = gpt.generate(model, inputs, task.max_response_tokens, temperature=0)
     g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    sampled = gpt.generate(model, inputs, n_new, temperature=1.0, generator=g)
+    sampled = [strip_eos(o) for o in gpt.generate(model, inputs, task.max_response_tokens, generator=g)]
     correct = lambda outs: [response_text(o) == answer(a, b) for (a, b), o in zip(prompts, outs)]
     return {"accuracy": sum(correct(greedy)) / len(prompts),
             "sample_accuracy": sum(correct(sampled)) / len(prompts),
-            "true_reward": sum(true_reward(a, b, response_text(o)) for (a, b), o in zip(prompts, sampled)) / len(prompts)}
+            "true_reward": sum(true_rewards(prompts, sampled)) / len(prompts)}
 
 
 @torch.no_grad()
@@ -179,7 +190,7 @@ def kl_to_reference(policy, ref, task, prompts=None, seed=0):
     prompts = prompts or heldout_prompts(task)
     device = next(policy.parameters()).device
     g = torch.Generator(device=device).manual_seed(seed)
-    outs = gpt.generate(policy, [prompt_tokens(a, b) for a, b in prompts], task.digits + 3, generator=g)
+    outs = gpt.generate(policy, [prompt_tokens(a, b) for a, b in prompts], task.max_response_tokens, generator=g)
     ids, target = pack_generated(prompts, outs, device)
     return (gpt.sequence_logprobs(policy, ids, target)[1] - gpt.sequence_logprobs(ref, ids, target)[1]).mean().item()
 
@@ -401,9 +412,9 @@ def load_adapter_model(path, device="cpu"):
     """The model `python sft.py --adapter_dim N` saves (out_dir/sft_adapter.pt): the GPT rebuilt with its
     adapters, which cannot be merged into the weights. Returns (model, checkpoint dict)."""
     ckpt = gpt.load_checkpoint(path)
-    if "adapter_dim" not in ckpt:
-        raise UserError(f"{path} holds no adapters: load it with gpt.load_model")
-    model = apply_adapters(gpt.GPT(gpt.GPTConfig(**ckpt["config"])), ckpt["adapter_dim"])
+    dim = ckpt.get("sft", {}).get("adapter_dim", 0)
+    gpt.check(dim, f"{path} holds no adapters: load it with gpt.load_model")
+    model = apply_adapters(gpt.GPT(gpt.GPTConfig(**ckpt["config"])), dim)
     model.load_state_dict(ckpt["model"])
     return model.to(device), ckpt
 
@@ -411,7 +422,7 @@ def load_adapter_model(path, device="cpu"):
 # ----------------------------------------------------------------------------------------------
 # 3. Supervised fine-tuning
 
-@dataclass
+@dataclass(frozen=True)
 class SFTConfig:
     init: str = arg("", "checkpoint to start from; empty = out_dir/gpt.pt (pretrained first if missing)")
     lora_rank: int = arg(0, "LoRA rank r (0 = fine-tune all weights)")
@@ -425,16 +436,15 @@ class SFTConfig:
                                  "bidirectionally (notes 8.4); recorded in the checkpoint's config")
 
     def __post_init__(self):
-        if self.lora_rank < 0:
-            raise UserError(f"lora_rank must be >= 0, got {self.lora_rank}")
-        if self.lora_targets not in ("qv", "all"):
-            raise UserError(f"lora_targets={self.lora_targets!r} is not one of qv, all")
-        if self.qlora and not self.lora_rank:
-            raise UserError("--qlora trains LoRA on a 4-bit base: give it a rank, e.g. --lora_rank 16")
-        if self.adapter_dim < 0:
-            raise UserError(f"adapter_dim must be >= 0, got {self.adapter_dim}")
-        if self.adapter_dim and self.lora_rank:
-            raise UserError("choose one parameter-efficient method: --adapter_dim or --lora_rank, not both")
+        gpt.check(self.lora_rank >= 0, f"lora_rank must be >= 0, got {self.lora_rank}")
+        gpt.check(self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha}")
+        gpt.check_choice(self, "lora_targets", ("qv", "all"))
+        gpt.check(not self.qlora or self.lora_rank, "--qlora trains LoRA on a 4-bit base: give it a rank, e.g. "
+                  "--lora_rank 16")
+        gpt.check(self.adapter_dim >= 0, f"adapter_dim must be >= 0, got {self.adapter_dim}")
+        gpt.check(not (self.adapter_dim and self.lora_rank), "choose one parameter-efficient method: --adapter_dim "
+                  "or --lora_rank, not both")
+        gpt.check(not self.init or os.path.isfile(self.init), f"--init {self.init}: no such file")
 
     def method(self):
         """A short description of what trains."""
@@ -454,9 +464,9 @@ def sft_loss(model, ids, target):
 
 
 def sft_batches(task, batch_size, seed):
-    """get_batch(i): batch_size training prompts with the demonstrator's responses, a pure function of i."""
+    """get_batch(i): batch_size training prompts with the demonstrator's responses, from step i's stream."""
     def get_batch(i):
-        rng = random.Random(seed * 1_000_003 + i)
+        rng = gpt.step_rng(seed, i)
         prompts = sample_prompts(task, batch_size, rng)
         responses = [gpt.encode(demonstrate(a, b, task.slip, rng)) for a, b in prompts]
         return pack(prompts, responses)
@@ -477,7 +487,8 @@ def apply_peft(model, sft_cfg):
     if sft_cfg.template_tokens and (sft_cfg.lora_rank or sft_cfg.adapter_dim):
         train_template_tokens(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"{sft_cfg.method()}: {trainable:,} trainable of {params:,} parameters ({trainable / params:.2%})")
+    if gpt.rank() == 0:
+        print(f"{sft_cfg.method()}: {trainable:,} trainable of {params:,} parameters ({trainable / params:.2%})")
     nf4 = [m for m in model.modules() if isinstance(m, NF4Linear)]
     stored = sum(m.nbytes() for m in nf4) if nf4 else 4 * n_linear
     stats = {"method": sft_cfg.method(), "trainable_params": trainable, "linear_weight_bytes": stored,
@@ -489,80 +500,75 @@ def apply_peft(model, sft_cfg):
     return stats
 
 
-def finetune(model, task, sft_cfg, train_cfg, ckpt_name="sft.pt"):
-    """Prompt-masked SFT of `model`, of all its weights or parameter-efficient (notes 10.4). LoRA (and
-    the template tokens' rows) are merged into the weights (after QLoRA: the dequantised NF4 base plus
-    the LoRA update) and saved as out_dir/<ckpt_name>, a plain GPT for the later stages. Adapters
-    cannot be merged (the bottleneck is nonlinear): they are saved as out_dir/<name>_adapter.pt (read
-    it with load_adapter_model) and out_dir/<ckpt_name> is left as it was. Returns (model, metrics)."""
-    if sft_cfg.prefix_lm:  # the pretrained model is causal; every module reads this one config object
-        model.cfg.prefix_lm = True
+def checkpoint_path(sft_cfg, train_cfg):
+    """out_dir/sft.pt, or out_dir/sft_adapter.pt for adapters (they cannot be merged into a plain GPT)."""
+    return os.path.join(train_cfg.out_dir, "sft_adapter.pt" if sft_cfg.adapter_dim else "sft.pt")
+
+
+def finetune(model, task, sft_cfg, train_cfg, built_from=None):
+    """Prompt-masked SFT of `model` (a GPT; built_from: the provenance of its checkpoint), of all its weights
+    or parameter-efficient (notes 10.4), into checkpoint_path(). LoRA (and the template tokens' rows) are
+    merged into the weights when it finishes (after QLoRA: the dequantised NF4 base plus the LoRA update), so
+    sft.pt is a plain GPT for the later stages. Returns (model, metrics)."""
+    if sft_cfg.prefix_lm:  # the same weights under a prefix-LM mask (notes 8.4); the config records it
+        causal, model = model, gpt.GPT(dataclasses.replace(model.cfg, prefix_lm=True))
+        model.load_state_dict(causal.state_dict())
+    config = dataclasses.asdict(model.cfg)
     stats = apply_peft(model, sft_cfg)
-    rank = gpt.rank()
-    get_batch = sft_batches(task, train_cfg.batch_size, train_cfg.seed + 7919 * rank)
     held = heldout_prompts(task)
     held_batch = pack(held, [gpt.encode(answer(a, b)) for a, b in held])  # correct answers
 
     def loss_fn(net, batch):
         ids, target = (t.to(next(model.parameters()).device) for t in batch)
-        return sft_loss(net, ids, target), {"tokens": ids.numel()}
+        return sft_loss(net, ids, target) + gpt.aux_loss(model), {"tokens": ids.numel()}
 
     def evaluate(m):
         ids, target = (t.to(next(m.parameters()).device) for t in held_batch)
         return {"loss": sft_loss(m, ids, target).item(), **evaluate_policy(m, task, held)}
 
-    name = ckpt_name.replace(".pt", "_adapter.pt") if sft_cfg.adapter_dim else ckpt_name
-    path = os.path.join(train_cfg.out_dir, name)
-    extra = {"adapter_dim": sft_cfg.adapter_dim} if sft_cfg.adapter_dim else None
-    result = gpt.train(model, train_cfg, get_batch, loss_fn, evaluate, path, ckpt_extra=extra, desc="sft")
+    path = checkpoint_path(sft_cfg, train_cfg)
+    meta = {"stage": "sft", "config": config, "task": task.identity, "sft": dataclasses.asdict(sft_cfg),
+            "built_from": built_from or {}}
+    result = gpt.train(model, train_cfg, sft_batches(task, train_cfg.batch_size, train_cfg.seed), loss_fn,
+                       evaluate, path, meta, desc="sft")
     result = {**result, **stats, "checkpoint": path}
     if sft_cfg.lora_rank or sft_cfg.adapter_dim:
         merge_lora(model)  # LoRA, NF4 and the token rows merge exactly; adapters stay
-        if rank == 0:
-            gpt.save_checkpoint(path, model=model.state_dict(), config=dataclasses.asdict(model.cfg),
-                                step=train_cfg.max_steps, metrics=result, **(extra or {}))
+        if gpt.rank() == 0:
+            ckpt = gpt.load_checkpoint(path)  # the finished run, its weights replaced by the merged ones
+            gpt.save_checkpoint(path, **{**ckpt, "model": model.state_dict(), "optimizer": None})
             print(f"saved {path}: " + (
                 "adapters cannot be merged into the weights (the bottleneck is nonlinear), read it with "
-                f"sft.load_adapter_model; {ckpt_name}, where the later stages start, is unchanged"
-                if sft_cfg.adapter_dim else
-                f"a plain GPT, the LoRA update merged into the {'dequantised NF4 ' if sft_cfg.qlora else ''}weights"))
+                "sft.load_adapter_model; sft.pt, where the later stages start, is unchanged" if sft_cfg.adapter_dim
+                else f"a plain GPT, the LoRA update merged into the {'dequantised NF4 ' if sft_cfg.qlora else ''}weights"))
     return model, result
 
 
-def sft_defaults(out_dir="out", device="auto"):
+def sft_defaults():
     """The configs of `python sft.py` (also what a later stage runs when out/sft.pt is missing)."""
     return TaskConfig(), SFTConfig(), gpt.TrainConfig(max_steps=3000, batch_size=32, lr=3e-3, min_lr=3e-4,
-                                                      warmup_steps=50, eval_interval=1000, weight_decay=0.0,
-                                                      out_dir=out_dir, device=device)
+                                                      warmup_steps=50, eval_interval=1000, weight_decay=0.0)
+
+
+LEARNT = 0.5  # greedy held-out accuracy below which the fine-tuned model has not learnt the task
 
 
 def train_sft(task, sft_cfg, train_cfg):
-    """The whole stage: load (or pretrain) the base model, fine-tune, report. Returns (model, metrics)."""
+    """The whole stage: load (or pretrain) the base model, fine-tune, report: the table, the guard against a
+    model that has not learnt the task, out_dir/sft_metrics.json. Returns (model, metrics)."""
     device = gpt.pick_device(train_cfg.device)
+    gpt.claim_checkpoint(checkpoint_path(sft_cfg, train_cfg), train_cfg)
     if sft_cfg.init:
-        model, _ = gpt.load_model(sft_cfg.init, device)
+        model, ckpt = gpt.load_model(sft_cfg.init, device)
     else:
-        model, _ = gpt.load_stage(os.path.join(train_cfg.out_dir, "gpt.pt"), lambda: gpt.pretrain(
-            gpt.GPTConfig(), gpt.TrainConfig(out_dir=train_cfg.out_dir, device=train_cfg.device), gpt.DataConfig()),
-            device)
+        model_cfg, defaults, data_cfg = gpt.pretrain_defaults()
+        model, ckpt = gpt.load_stage(os.path.join(train_cfg.out_dir, "gpt.pt"), "gpt", lambda: gpt.pretrain_and_report(
+            model_cfg, gpt.inherit(defaults, train_cfg), data_cfg), device)
     before = evaluate_policy(model, task)
-    model, result = finetune(model, task, sft_cfg, train_cfg)
-    return model, {**result, "before": before}
-
-
-def load_sft_policy(train_cfg, device):
-    """out_dir/sft.pt, the starting point of every alignment stage; fine-tuned first with this
-    script's defaults (and pretrained before that) when it is missing."""
-    return gpt.load_stage(os.path.join(train_cfg.out_dir, "sft.pt"),
-                          lambda: train_sft(*sft_defaults(train_cfg.out_dir, train_cfg.device)), device)[0]
-
-
-def main(argv=None):
-    task, sft_cfg, train_cfg = gpt.parse_args(list(sft_defaults()), argv,
-                                              description="prompt-masked SFT, full or with LoRA, QLoRA or adapters")
-    model, m = train_sft(task, sft_cfg, train_cfg)
+    model, m = finetune(model, task, sft_cfg, train_cfg, {ckpt.get("stage", "init"): gpt.provenance(ckpt)})
+    m["before"] = before
     if gpt.rank() != 0:
-        return
+        return model, m
     gpt.print_table("SFT on held-out prompts", [
         ("exact match, greedy", f"{m['before']['accuracy']:.1%} -> {m['accuracy']:.1%}"),
         ("exact match, sampled (T=1)", f"{m['before']['sample_accuracy']:.1%} -> {m['sample_accuracy']:.1%}"),
@@ -574,9 +580,29 @@ def main(argv=None):
         *([("NF4 error: rel. Frobenius, mean abs", f"{m['nf4_relative_error']:.4f}, {m['nf4_mean_abs_error']:.2e}")]
           if "nf4_relative_error" in m else [])])
     (a, b), = sample_prompts(task, 1, random.Random(1), heldout=True)
-    out = gpt.generate(model, [prompt_tokens(a, b)], task.digits + 3, temperature=0)[0]
+    out = gpt.generate(model, [prompt_tokens(a, b)], task.max_response_tokens, temperature=0)[0]
     print(f"\nsample: {prompt_text(a, b)} -> {response_text(out)} (correct: {answer(a, b)})")
+    if m["accuracy"] < LEARNT:
+        print(f"\nwarning: the fine-tuned model has not learnt the task ({m['accuracy']:.1%} greedy held-out "
+              f"accuracy, below {LEARNT:.0%}); the alignment stages would start from it. Train it further: "
+              f"python sft.py --init {m['checkpoint']} --overwrite --out_dir {train_cfg.out_dir}")
     gpt.write_metrics("sft", m, train_cfg.out_dir)
+    return model, m
+
+
+def load_sft_policy(task, train_cfg, device):
+    """out_dir/sft.pt, the starting point of every alignment stage, checked to be finished and built for this
+    task; fine-tuned first with this script's defaults (and the caller's task, seed, device, dtype) when
+    missing. Returns (model, checkpoint dict)."""
+    _, sft_cfg, defaults = sft_defaults()
+    return gpt.load_stage(os.path.join(train_cfg.out_dir, "sft.pt"), "sft", lambda: train_sft(
+        task, sft_cfg, gpt.inherit(defaults, train_cfg)), device, requires={"task": task.identity})
+
+
+def main(argv=None):
+    task, sft_cfg, train_cfg = gpt.parse_args(list(sft_defaults()), argv,
+                                              description="prompt-masked SFT, full or with LoRA, QLoRA or adapters")
+    train_sft(task, sft_cfg, train_cfg)
 
 
 if __name__ == "__main__":
