@@ -688,11 +688,15 @@ def shifted_logprobs(logits, idx, target_mask, temperature=1.0):
 # ----------------------------------------------------------------------------------------------
 # 6. Command line, devices, metrics, checkpoints, per-step random streams
 
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line from run_main (rank 0 only under torchrun), not usage on every rank
+        raise UserError(f"{message} (see --help)")
+
+
 def parse_args(defaults, argv=None, description=None):
-    """Expose every field of the given dataclass instances as --flags (the instances give the
-    defaults). Returns new instances; a bad value becomes a clear error, not a traceback."""
-    parser = argparse.ArgumentParser(description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """Expose every field of the given dataclass instances as --flags (the instances give the defaults).
+    Returns new instances, every value validated by its dataclass: a bad one is a UserError naming it."""
+    parser = ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for obj in defaults:
         group = parser.add_argument_group(type(obj).__name__)
         for f in dataclasses.fields(obj):
@@ -700,11 +704,7 @@ def parse_args(defaults, argv=None, description=None):
             kind = dict(action=argparse.BooleanOptionalAction) if isinstance(value, bool) else dict(type=type(value))
             group.add_argument(f"--{f.name}", default=value, help=f.metadata.get("help", ""), **kind)
     ns = vars(parser.parse_args(argv))
-    try:
-        return [dataclasses.replace(obj, **{f.name: ns[f.name] for f in dataclasses.fields(obj)})
-                for obj in defaults]
-    except UserError as e:
-        parser.error(str(e))
+    return [dataclasses.replace(obj, **{f.name: ns[f.name] for f in dataclasses.fields(obj)}) for obj in defaults]
 
 
 def rank():
@@ -894,21 +894,26 @@ def claim_out_dir(out_dir):
         os.makedirs(out_dir, exist_ok=True)
     except OSError as e:
         raise UserError(f"--out_dir {out_dir} cannot be created ({e.strerror}): give another --out_dir") from None
-    check(os.access(out_dir, os.W_OK | os.X_OK), f"--out_dir {out_dir} is not writable: give another --out_dir")
     free = shutil.disk_usage(out_dir).free
     check(free >= 64 * 2**20, f"--out_dir {out_dir} has {free / 2**20:.0f} MiB free, too little for checkpoints: "
           "free some space or give another --out_dir")
     lock = os.path.join(out_dir, ".lock")
-    try:
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        pid = int(open(lock).read().strip() or 0)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, 0)  # raises if no such process: the lock is stale
-            raise UserError(f"another run (process {pid}) is using --out_dir {out_dir}: wait for it to finish or "
-                            "give another --out_dir")
-        os.remove(lock)
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    busy = f"another run is using --out_dir {out_dir}: wait for it to finish or give another --out_dir"
+    for _ in range(2):
+        try:  # creating the lock is also the test that the directory is writable
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            pid = int(open(lock).read().strip() or 0)
+            check(pid, busy)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 0)  # raises if there is no such process: the lock is stale
+                raise UserError(busy.replace("another run", f"another run (process {pid})"))
+            remove_quietly(lock)
+        except OSError as e:
+            raise UserError(f"--out_dir {out_dir} is not writable ({e.strerror}): give another --out_dir") from None
+    else:
+        raise UserError(busy)
     os.write(fd, str(os.getpid()).encode())
     os.close(fd)
     _claimed.add(out_dir)

@@ -38,12 +38,19 @@ from gpt import BOS, EOS, PAD, SEP, arg
 class TaskConfig:
     digits: int = arg(3, "digits of each operand")
     slip: float = arg(0.4, "fraction of prompts on which the demonstrator forgets one carry")
-    heldout: int = arg(200, "held-out prompts for evaluation (never trained on)")
+    heldout: int = arg(0, "distinct held-out prompts for evaluation, never trained on (0 = 1000, or the whole "
+                          "held-out split when it is smaller)")
 
     def __post_init__(self):
         gpt.check(1 <= self.digits <= 6, f"digits must be in 1..6, got {self.digits}")
         gpt.check(0.0 <= self.slip <= 1.0, f"slip must be in [0, 1], got {self.slip}")
-        gpt.check(self.heldout >= 1, f"heldout must be >= 1, got {self.heldout}")
+        n = heldout_pairs(self.digits)
+        gpt.check(0 <= self.heldout <= n, f"heldout must be in 0..{n} (the held-out split of {self.digits}-digit "
+                  f"operands has {n} pairs), got {self.heldout}")
+
+    @property
+    def n_heldout(self):
+        return self.heldout or min(1000, heldout_pairs(self.digits))
 
     @property
     def identity(self):
@@ -61,6 +68,13 @@ def is_heldout(a, b):
     return (a * 7919 + b * 104729) % 16 == 0
 
 
+def heldout_pairs(digits):
+    """How many operand pairs the held-out split has, counted exactly by the residues of a and b mod 16."""
+    lo, hi = 10 ** (digits - 1), 10 ** digits - 1
+    count = lambda r: (hi - r) // 16 - (lo - 1 - r) // 16  # numbers in [lo, hi] that are r mod 16
+    return sum(count(ra) * count(rb) for ra in range(16) for rb in range(16) if is_heldout(ra, rb))
+
+
 def sample_prompts(task, n, rng, heldout=False):
     """n operand pairs (a, b), each d digits, from the training or the held-out split."""
     lo, hi = 10 ** (task.digits - 1), 10 ** task.digits - 1
@@ -73,7 +87,11 @@ def sample_prompts(task, n, rng, heldout=False):
 
 
 def heldout_prompts(task):
-    return sample_prompts(task, task.heldout, random.Random(12345), heldout=True)
+    """task.n_heldout distinct operand pairs of the held-out split, the same in every script and run."""
+    rng, pairs = random.Random(12345), {}  # a dict keeps the order in which the pairs were drawn
+    while len(pairs) < task.n_heldout:
+        pairs.update(dict.fromkeys(sample_prompts(task, task.n_heldout - len(pairs), rng, heldout=True)))
+    return list(pairs)
 
 
 def prompt_text(a, b):
@@ -171,16 +189,25 @@ def pack_generated(prompts, outs, device="cpu"):
 def evaluate_policy(model, task, prompts=None, seed=0):
     """The figures every alignment stage reports on the held-out prompts: exact-match `accuracy` of
     greedy decoding, `sample_accuracy` at temperature 1 (what the policy actually does, and what RL
-    optimises) and the mean true reward r* of those samples."""
+    optimises), each with its 95% interval, and the mean true reward r* of the samples."""
     prompts = prompts or heldout_prompts(task)
     inputs = [prompt_tokens(a, b) for a, b in prompts]
     greedy = gpt.generate(model, inputs, task.max_response_tokens, temperature=0)
     g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     sampled = [strip_eos(o) for o in gpt.generate(model, inputs, task.max_response_tokens, generator=g)]
-    correct = lambda outs: [response_text(o) == answer(a, b) for (a, b), o in zip(prompts, outs)]
-    return {"accuracy": sum(correct(greedy)) / len(prompts),
-            "sample_accuracy": sum(correct(sampled)) / len(prompts),
+    n_correct = lambda outs: sum(response_text(o) == answer(a, b) for (a, b), o in zip(prompts, outs))
+    k_greedy, k_sampled = n_correct(greedy), n_correct(sampled)
+    return {"accuracy": k_greedy / len(prompts), "accuracy_ci": wilson_interval(k_greedy, len(prompts)),
+            "sample_accuracy": k_sampled / len(prompts), "sample_accuracy_ci": wilson_interval(k_sampled, len(prompts)),
             "true_reward": sum(true_rewards(prompts, sampled)) / len(prompts)}
+
+
+def wilson_interval(k, n, z=1.96):
+    """The 95% Wilson score interval [low, high] of a proportion k / n (Wilson 1927): unlike p +- z se it stays
+    inside [0, 1] and keeps its coverage near 0 and 1."""
+    p, z2 = k / n, z * z
+    centre, half = (p + z2 / (2 * n)) / (1 + z2 / n), z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return [max(0.0, centre - half), min(1.0, centre + half)]
 
 
 @torch.no_grad()
@@ -197,15 +224,21 @@ def kl_to_reference(policy, ref, task, prompts=None, seed=0):
 
 def before_after(before, result):
     """What an alignment stage reports: its training result plus the held-out figures before and after."""
-    after = {k: result[k] for k in ("accuracy", "sample_accuracy", "true_reward", "kl") if k in result}
-    return {**result, "before": before, "after": after}
+    keys = ("accuracy", "accuracy_ci", "sample_accuracy", "sample_accuracy_ci", "true_reward", "kl")
+    return {**result, "before": before, "after": {k: result[k] for k in keys if k in result}}
+
+
+def percent_ci(m, key):
+    """'72.5% [69.6, 75.2]': a held-out accuracy and its 95% interval."""
+    low, high = m[f"{key}_ci"]
+    return f"{m[key]:.1%} [{100 * low:.1f}, {100 * high:.1f}]"
 
 
 def before_after_rows(m):
     """The rows of the before -> after table every alignment stage prints."""
     b, a = m["before"], m["after"]
-    return [("exact match, sampled (T=1)", f"{b['sample_accuracy']:.1%} -> {a['sample_accuracy']:.1%}"),
-            ("exact match, greedy", f"{b['accuracy']:.1%} -> {a['accuracy']:.1%}"),
+    return [("exact match, sampled (T=1), 95% CI", f"{percent_ci(b, 'sample_accuracy')} -> {percent_ci(a, 'sample_accuracy')}"),
+            ("exact match, greedy, 95% CI", f"{percent_ci(b, 'accuracy')} -> {percent_ci(a, 'accuracy')}"),
             ("true reward r*, sampled", f"{b['true_reward']:.3f} -> {a['true_reward']:.3f}"),
             ("KL(pi || pi_ref) per prompt", f"{a['kl']:.3f}")]
 
@@ -570,8 +603,9 @@ def train_sft(task, sft_cfg, train_cfg):
     if gpt.rank() != 0:
         return model, m
     gpt.print_table("SFT on held-out prompts", [
-        ("exact match, greedy", f"{m['before']['accuracy']:.1%} -> {m['accuracy']:.1%}"),
-        ("exact match, sampled (T=1)", f"{m['before']['sample_accuracy']:.1%} -> {m['sample_accuracy']:.1%}"),
+        ("exact match, greedy, 95% CI", f"{percent_ci(m['before'], 'accuracy')} -> {percent_ci(m, 'accuracy')}"),
+        ("exact match, sampled (T=1), 95% CI", f"{percent_ci(m['before'], 'sample_accuracy')} -> "
+                                              f"{percent_ci(m, 'sample_accuracy')}"),
         ("true reward r*, sampled", f"{m['before']['true_reward']:.3f} -> {m['true_reward']:.3f}"),
         ("loss on the correct answers", m["loss"]), ("train seconds", m["train_seconds"]),
         ("method", m["method"]), ("trainable parameters", f"{m['trainable_params']:,}"),
