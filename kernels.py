@@ -28,8 +28,12 @@ per-channel scale S = fp8 max / amax, and `fp8_matmul` computes X W^T as FP8GEMM
 on the FP8 tensor cores (torch._scaled_mm) where the GPU has them, emulated elsewhere.
 `python kernels.py --fp8` prints the error of per-tensor against per-channel scaling on loud and quiet rows.
 """
+import argparse
+import dataclasses
+import json
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
@@ -514,6 +518,78 @@ class KernelsConfig:
     fp8: bool = field(default=False, metadata={"help": "instead: the FP8 report (notes 7), per-tensor vs "
                                                        "per-channel scaled matmul error, to kernels_fp8_metrics.json"})
 
+    def __post_init__(self):
+        for name in ("seq_lens", "head_dims"):
+            try:
+                values = [int(x) for x in getattr(self, name).split(",")]
+            except ValueError:
+                raise ValueError(f"--{name} {getattr(self, name)!r} is not a comma-separated list of integers") from None
+            if min(values) < 1:
+                raise ValueError(f"--{name} must be positive, got {getattr(self, name)!r}")
+        if bad := [d for d in self.dims() if d not in FLASH_HEAD_DIMS]:
+            raise ValueError(f"--head_dims {bad} not supported by the kernel (supported: {FLASH_HEAD_DIMS})")
+        if self.batch_tokens < 1 or self.n_head < 1 or self.n_kv_head < 1 or self.n_head % self.n_kv_head:
+            raise ValueError(f"need batch_tokens >= 1 and n_head ({self.n_head}) a multiple of n_kv_head "
+                             f"({self.n_kv_head}) >= 1")
+
+    def dims(self):
+        return [int(x) for x in self.head_dims.split(",")]
+
+    def lens(self):
+        return [int(x) for x in self.seq_lens.split(",")]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit status 2, as for any bad input (argparse adds the usage)
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def parse_config(argv=None):
+    """KernelsConfig's fields as --flags (--help lists them with their defaults); a bad value ends the
+    program with one line `error: ...` and exit status 2."""
+    parser = _Parser(description="Triton flash attention: check and benchmark",
+                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(KernelsConfig):
+        kind = dict(action=argparse.BooleanOptionalAction) if f.type in (bool, "bool") else dict(type=type(f.default))
+        parser.add_argument(f"--{f.name}", default=f.default, help=f.metadata.get("help", ""), **kind)
+    try:
+        return KernelsConfig(**vars(parser.parse_args(argv)))
+    except ValueError as e:
+        parser.error(str(e))
+
+
+def print_table(title, rows):
+    """rows: (name, value) pairs, one per line under the title."""
+    width = max(len(k) for k, _ in rows)
+    print(f"\n{title}")
+    for k, v in rows:
+        print(f"  {k:<{width}}  {f'{v:.4g}' if isinstance(v, float) else v}")
+
+
+def _json_safe(x):
+    """NaN and infinities become null: JSON has no such numbers (json.dumps would write bare NaN)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return x
+
+
+def write_metrics(stage, metrics, out_dir):
+    """One JSON line on stdout and out_dir/<stage>_metrics.json, written to a file unique to this
+    process and renamed, so a reader never sees half a file."""
+    line = json.dumps(_json_safe({"stage": stage, **metrics}), allow_nan=False)
+    print(line)
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{stage}_metrics.json")
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(line + "\n")
+    os.replace(tmp, path)
+
 
 def rel_err(a, b):
     """max|a - b| / max|b|."""
@@ -595,12 +671,12 @@ def bench_decode(cfg, device, D=128, contexts=(1024, 4096, 16384)):
 
 
 def main(argv=None):
-    from gpt import parse_args, print_table, write_metrics
-    (cfg,) = parse_args([KernelsConfig()], argv, description="Triton flash attention: check and benchmark")
+    cfg = parse_config(argv)
     if cfg.fp8:
         return fp8_main(cfg)
     if not HAS_TRITON:
-        raise SystemExit("triton is not installed: there is no kernel to check (pip install triton)")
+        print("error: triton is not installed: there is no kernel to check (pip install triton)", file=sys.stderr)
+        sys.exit(2)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU, Triton interpreter"
     metrics = {"device": name, "all_ok": True}
@@ -632,7 +708,6 @@ def main(argv=None):
 
 def fp8_main(cfg):
     """python kernels.py --fp8: fp8_report's table, then out_dir/kernels_fp8_metrics.json."""
-    from gpt import print_table, write_metrics
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = fp8_report(device)
     table = {}
@@ -650,5 +725,4 @@ def fp8_main(cfg):
 
 
 if __name__ == "__main__":
-    from gpt import run_main
-    run_main(main)
+    main()
