@@ -29,11 +29,18 @@ on the FP8 tensor cores (torch._scaled_mm) where the GPU has them, emulated else
 `python kernels.py --fp8` prints the error of per-tensor against per-channel scaling on loud and quiet rows.
 """
 import argparse
+import contextlib
 import dataclasses
+import functools
+import io
+import itertools
 import json
 import math
 import os
+import re
+import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
@@ -403,6 +410,167 @@ def attention(q, k, v, causal=True, mask=None, scale=None, dropout_p=0.0):
     if path == "triton":
         return flash_attention(q, k, v, causal, scale)
     return sdpa_attention(q, k, v, causal, mask, scale, dropout_p)
+
+
+# ----------------------------------------------------------------------------------------------
+# Compile check: every kernel, for every configuration its autotuner can select, compiled ahead of
+# time for a GPU that need not be present (triton.compile on the kernel's source for a GPUTarget;
+# the ptxas in the triton wheel does the rest). Per configuration it reports registers and spills
+# per thread (the ptxas log), shared memory per block against the target's limit, and the MMA
+# instructions the dots became: wgmma.mma_async is Hopper's asynchronous warpgroup MMA, mma.sync the
+# Ampere one, which on sm_90 reaches only a fraction of the tensor cores' rate.
+
+SMEM_LIMITS = {90: 227 * 1024, 80: 163 * 1024}  # bytes per block with the opt-in the launcher requests
+CHECK_DTYPES = ("bf16", "fp16")
+DELTA_BLOCK_M = 64
+_FP32_ARGS = ("LSE2", "Delta")
+_CHECK_INTS = dict(Tq=1000, Tk=1000, tune_key=1024)  # a sequence length that is not a multiple of 16
+
+
+def _launches(head_dim, causal, group):
+    """What one FlashAttention forward + backward compiles: (name, kernel, constexprs, dot_rows), where
+    dot_rows(config) is the number of rows of the tiles its dots produce (wgmma needs >= 64)."""
+    shape = dict(CAUSAL=causal, HEAD_DIM=head_dim)
+    return [("fwd", _fwd_kernel, shape, lambda c: c["BLOCK_M"]),
+            ("delta", _delta_kernel, dict(HEAD_DIM=head_dim, BLOCK_M=DELTA_BLOCK_M), lambda c: 0),
+            ("dq", _dq_kernel, shape, lambda c: c["BLOCK_M"]),
+            ("dkdv", _dkdv_kernel, shape, lambda c: min(c["BLOCK_M"], c["BLOCK_N"]))]
+
+
+def _candidates(kernel, constexprs):
+    """(block sizes, num_warps, num_stages) of every configuration `kernel` may run with: the
+    autotuner's list after its own pruning for these constexprs, or the launch defaults (4 warps,
+    3 stages) for a kernel without one."""
+    if isinstance(kernel, triton.runtime.Autotuner):
+        configs = kernel.configs
+        if kernel.early_config_prune:
+            configs = kernel.early_config_prune(configs, {}, **constexprs)
+        return [(dict(c.kwargs), c.num_warps, c.num_stages) for c in configs]
+    return [({}, 4, 3)]
+
+
+def _signature(fn, dtype, constexprs, ints):
+    """The signature, constants and attributes the JIT gives such a call: tensors `*dtype` (`*fp32`
+    for the fp32 buffers), aligned to 16 bytes as torch allocates them; an int equal to 1 becomes a
+    constant and a multiple of 16 gets a divisibility hint, unless the kernel says do_not_specialize."""
+    sig, consts, attrs = {}, dict(constexprs), {}
+    for i, p in enumerate(fn.params):
+        if p.is_constexpr:
+            sig[p.name] = "constexpr"
+        elif p.name in ints:
+            value = ints[p.name]
+            if value == 1 and not p.do_not_specialize:
+                sig[p.name], consts[p.name] = "constexpr", 1
+                continue
+            sig[p.name] = "i32"
+            if value % 16 == 0 and not p.do_not_specialize:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        elif p.name in ("qk_scale", "scale"):
+            sig[p.name] = "fp32"
+        else:  # a tensor
+            fp32 = p.name in _FP32_ARGS or (p.name in ("DK", "DV") and consts.get("ATOMIC"))
+            sig[p.name] = "*fp32" if fp32 else f"*{dtype}"
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return sig, consts, attrs
+
+
+def _frozen(d):
+    return tuple(sorted((k, tuple(map(tuple, v)) if isinstance(v, list) else v) for k, v in d.items()))
+
+
+@functools.lru_cache(maxsize=None)
+def _compile(fn_name, target, sig, consts, attrs, num_warps, num_stages):
+    """Compile one kernel for sm_<target>: a dict of what the compiled object and the ptxas log show."""
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    kernel = globals()[fn_name]
+    fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
+    attrs = {k: [list(a) for a in v] for k, v in attrs}
+    log = io.StringIO()
+    start = time.perf_counter()
+    # Triton prints the ptxas log (registers, spill bytes) when asked, and only when ptxas runs, so the
+    # on-disk cache is bypassed; both are knobs in triton 3.6 and 3.9, and scope() restores them.
+    with knobs.nvidia.scope(), knobs.compilation.scope(), contextlib.redirect_stdout(log):
+        knobs.nvidia.dump_ptxas_log = True
+        knobs.compilation.always_compile = True
+        try:
+            compiled = triton.compile(ASTSource(fn, dict(sig), dict(consts), attrs),
+                                      target=GPUTarget("cuda", target, 32),
+                                      options=dict(num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=True))
+        except Exception as e:  # a configuration that does not compile is a finding, reported in its row
+            return dict(error=f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"[:200])
+    regs = re.findall(r"Used (\d+) registers", log.getvalue())
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log.getvalue())
+    ptx = compiled.asm["ptx"]
+    return dict(regs=int(regs[-1]) if regs else None,
+                spill_stores=int(spills[-1][0]) if spills else None,
+                spill_loads=int(spills[-1][1]) if spills else None,
+                smem=compiled.metadata.shared,
+                wgmma=len(re.findall(r"\bwgmma\.mma_async", ptx)),
+                mma_sync=len(re.findall(r"\bmma\.sync", ptx)),
+                atomics=len(re.findall(r"\b(?:red|atom)\.", ptx)),
+                compile_s=round(time.perf_counter() - start, 2))
+
+
+def compile_check(targets=(90, 80), dtypes=CHECK_DTYPES, head_dims=(64, 128), causals=(True, False), groups=(1, 4)):
+    """One row per kernel, configuration, target, dtype, head dim, causal flag and group size that
+    compiles to its own code (a group size that changes nothing is not listed again). `ok`: it
+    compiled, ptxas reported no spill, its shared memory fits the target's limit, and on sm_90 the
+    dots of tiles with >= 64 rows are wgmma, with no mma.sync left.
+
+    Needs the kernels compiled, not interpreted: when this process runs them in Triton's interpreter
+    (TRITON_INTERPRET=1), the check runs in a child process without it and returns the child's rows."""
+    args = dict(targets=list(targets), dtypes=list(dtypes), head_dims=list(head_dims), causals=list(causals),
+                groups=list(groups))
+    if INTERPRET:
+        code = (f"import json, sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); "
+                f"import kernels; print(json.dumps(kernels.compile_check(**{args!r})))")
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        child = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+        if child.returncode:
+            raise RuntimeError(f"the compile check failed in its child process:\n{child.stderr[-3000:]}")
+        return json.loads(child.stdout.strip().splitlines()[-1])
+    rows, seen = [], set()
+    for target, dtype, head_dim, causal, group in itertools.product(targets, dtypes, head_dims, causals, groups):
+        for name, kernel, constexprs, dot_rows in _launches(head_dim, causal, group):
+            fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
+            for meta, num_warps, num_stages in _candidates(kernel, constexprs):
+                sig, consts, attrs = _signature(fn, dtype, {**constexprs, **meta}, {**_CHECK_INTS, "GROUP": group})
+                key = (fn.__name__, target, _frozen(sig), _frozen(consts), _frozen(attrs), num_warps, num_stages)
+                if key in seen:
+                    continue
+                seen.add(key)
+                res = _compile(*key)
+                fits = res.get("smem") is not None and res["smem"] <= SMEM_LIMITS[target]
+                wgmma = res.get("wgmma", 0) > 0 and res.get("mma_sync", 1) == 0
+                needs_wgmma = target >= 90 and dot_rows({**constexprs, **meta}) >= 64
+                row = dict(kernel=name, BLOCK_M=meta.get("BLOCK_M", constexprs.get("BLOCK_M")),
+                           BLOCK_N=meta.get("BLOCK_N"), num_warps=num_warps, num_stages=num_stages,
+                           target=f"sm_{target}", dtype=dtype, head_dim=head_dim, causal=causal, group=group,
+                           **res, smem_limit=SMEM_LIMITS[target], needs_wgmma=needs_wgmma)
+                row["ok"] = ("error" not in res and res["regs"] is not None and res["spill_stores"] == 0
+                             and fits and (wgmma or not needs_wgmma))
+                rows.append(row)
+    return rows
+
+
+def print_compile_check(rows):
+    """The compile check as a table, one line per row of compile_check()."""
+    print(f"\n{'kernel':<6} {'BM':>4} {'BN':>4} {'warps':>5} {'stages':>6} {'target':>6} {'dtype':>5} {'D':>4} "
+          f"{'causal':>6} {'group':>5} {'regs':>4} {'spill st/ld B':>13} {'smem KB':>7} {'wgmma':>5} {'mma.sync':>8} "
+          f"{'atomics':>7} {'secs':>5}  ok")
+    for r in rows:
+        head = (f"{r['kernel']:<6} {r['BLOCK_M'] or '':>4} {r['BLOCK_N'] or '':>4} {r['num_warps']:>5} "
+                f"{r['num_stages']:>6} {r['target']:>6} {r['dtype']:>5} {r['head_dim']:>4} {str(r['causal']):>6} "
+                f"{r['group']:>5}")
+        if "error" in r:
+            print(f"{head}  {r['error']}")
+            continue
+        spills = f"{r['spill_stores']}/{r['spill_loads']}"
+        print(f"{head} {r['regs']:>4} {spills:>13} {r['smem'] / 1024:>7.1f} "
+              f"{r['wgmma']:>5} {r['mma_sync']:>8} {r['atomics']:>7} {r['compile_s']:>5.1f}  "
+              f"{'yes' if r['ok'] else 'NO'}")
 
 
 # ----------------------------------------------------------------------------------------------
