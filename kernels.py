@@ -55,13 +55,15 @@ try:
     HAS_TRITON = True
 except ImportError:  # a CPU-only install: attention() uses SDPA; the kernels below are defined, never run
     HAS_TRITON = False
-    triton, tl = SimpleNamespace(jit=lambda fn: fn), SimpleNamespace(constexpr=None)
+    triton = SimpleNamespace(jit=lambda fn=None, **options: fn or (lambda f: f))
+    tl = SimpleNamespace(constexpr=None)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true")
 IMPLS = ("auto", "triton", "sdpa", "reference")
 FLASH_HEAD_DIMS = (16, 32, 64, 128)
 FLASH_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LOG2E = 1.4426950408889634  # the kernels use exp2: e^x = 2^(x log2 e)
+DELTA_BLOCK_M = 64
 _announced = set()
 
 
@@ -99,21 +101,47 @@ def sdpa_attention(q, k, v, causal=True, mask=None, scale=None, dropout_p=0.0):
 
 
 # ----------------------------------------------------------------------------------------------
-# Triton kernels (FlashAttention-2). Every tensor is contiguous (B, heads, T, D), viewed as
-# (B*heads, T, D): the program of query head bh = b*H + h reads key/value head bh // GROUP =
-# b*n_kv_head + g(h) in place (notes 4.4), so K and V are never repeated. A tile is BLOCK_M query
-# rows or BLOCK_N key rows, all D columns. Scores are kept in log2 units (exp2 is the fast one):
-# qk_scale = scale * log2(e), and the saved per-row log-sum-exp is LSE2 = LSE / ln 2.
+# Triton kernels (FlashAttention-2, Dao 2023). Every tensor is contiguous (B, heads, T, D), viewed as
+# (B*heads, T, D): query head bh = b*H + h reads key/value head bh // GROUP = b*n_kv_head + g(h) in
+# place (notes 4.4), so K and V are never repeated. A tile is BLOCK_M query rows or BLOCK_N key rows,
+# all D columns. Scores are kept in log2 units (exp2 is the fast one): qk_scale = scale * log2(e),
+# and the saved per-row log-sum-exp is LSE2 = LSE / ln 2.
+#
+# Programs are laid out (head, block) with the head on grid axis 0, which the GPU dispatches fastest:
+# the first wave takes the same block of every head, and the blocks are ordered so that the ones with
+# the most causal work start first (the longest-first rule; the short ones then fill the tail).
+#
+# The integer arguments are not specialised (do_not_specialize): every sequence length, and
+# GROUP = 1 or not, runs the same compiled code, so a new shape never triggers a compile.
 
-def _autotune(gpu_tiles, cpu_tile):
-    """Autotune over (BLOCK_M, BLOCK_N, num_warps, num_stages). The CPU interpreter gets one small
-    tile, so the short test sequences span several tiles. tune_key is the next power of two of the
-    sequence length: a new length re-tunes only when it falls in a new bucket."""
+_INTS = ["Tq", "Tk", "GROUP", "tune_key"]
+
+
+def _tiles_for(tiles, arch, head_dim):
+    """The (BLOCK_M, BLOCK_N, num_warps, num_stages) tried for `head_dim` on a GPU of compute capability
+    `arch` (major * 10 + minor): tiles[90] from Hopper on (wgmma), tiles[80] before (mma.sync, whose
+    register layouts spill where wgmma's do not); head dims below 64 take the 64 list."""
+    return tiles[90 if arch >= 90 else 80][max(64, head_dim)]
+
+
+def _autotune(tiles, cpu_tile, **kwargs):
+    """Autotune over the tiles _tiles_for lists for the call's GPU and head dim; the CPU interpreter
+    gets one small tile, so that short test sequences span several tiles. tune_key is the next power
+    of two of the sequence length: a new length re-tunes only when it falls in a new bucket."""
     if not HAS_TRITON:
         return lambda fn: fn
-    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-               for m, n, w, s in ([cpu_tile] if INTERPRET else gpu_tiles)]
-    return triton.autotune(configs, key=["tune_key", "HEAD_DIM", "CAUSAL"])
+    if INTERPRET:
+        tiles = {80: {64: [cpu_tile]}, 90: {64: [cpu_tile]}}
+    union = list(dict.fromkeys(t for by_dim in tiles.values() for ts in by_dim.values() for t in ts))
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in union]
+
+    def prune(configs, named_args, **kw):
+        major, minor = torch.cuda.get_device_capability(named_args["Q"].device)
+        keep = _tiles_for(tiles, 10 * major + minor, kw["HEAD_DIM"])
+        return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in keep]
+
+    return triton.autotune(configs, key=["tune_key", "HEAD_DIM", "CAUSAL"],
+                           prune_configs_by=None if INTERPRET else {"early_config_prune": prune}, **kwargs)
 
 
 @triton.jit
@@ -159,6 +187,16 @@ def _key_range(m0, Tk, off, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N
 
 
 @triton.jit
+def _query_block(n_blocks, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr):
+    """m0 of this program's query block: with a causal mask the last block sees the most keys, so the
+    blocks run last to first (longest first)."""
+    i = tl.program_id(1)
+    if CAUSAL:
+        i = n_blocks - 1 - i
+    return i * BLOCK_M
+
+
+@triton.jit
 def _fwd_block(acc, m_i, l_i, q, K, V, rows, n0, Tk, off, qk_scale, MASKED: tl.constexpr,
                CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
     """Online softmax: fold keys n0..n0+BLOCK_N into the running max m, running sum l and unnormalised
@@ -178,13 +216,24 @@ def _fwd_block(acc, m_i, l_i, q, K, V, rows, n0, Tk, off, qk_scale, MASKED: tl.c
     return acc, m_new, l_i
 
 
-@_autotune([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 4), (128, 32, 4, 4)], (16, 32, 1, 1))
-@triton.jit
+# Kept by the compile check (triton 3.6 and 3.9, bf16 and fp16, causal or not, MHA or GQA): no spills,
+# wgmma on sm_90, shared memory within the limit (sm_80: 163 KB; the smallest list entry also within the
+# 99 KB of consumer Ampere/Ada GPUs). Dropped on sm_90 at head dim 128: (64, 128, 4, 3) spills and needs
+# 208 KB, (128, 128, 8, 3) needs 224 KB and spilled; on sm_80 at head dim 128, (128, 128, 8, 2), the
+# 4-warp tiles and, with triton 3.9's ptxas, (128, 64, 8, 2) spill 8-44 bytes.
+FWD_TILES = {90: {64: [(128, 64, 4, 3), (128, 128, 8, 3)],
+                  128: [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 8, 2)]},
+             80: {64: [(128, 64, 8, 3), (128, 128, 8, 3)],
+                  128: [(128, 64, 8, 3)]}}
+
+
+@_autotune(FWD_TILES, (16, 32, 1, 1))
+@triton.jit(do_not_specialize=_INTS)
 def _fwd_kernel(Q, K, V, O, LSE2, Tq, Tk, GROUP, qk_scale, tune_key, CAUSAL: tl.constexpr,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Program (i, bh): O and LSE2 for query rows i*BLOCK_M.. of query head bh."""
-    m0 = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1).to(tl.int64)
+    """Program (bh, i): O and LSE2 for one block of BLOCK_M query rows of query head bh."""
+    bh = tl.program_id(0).to(tl.int64)
+    m0 = _query_block(tl.cdiv(Tq, BLOCK_M), CAUSAL, BLOCK_M)
     off = Tk - Tq                                   # query row i sits at absolute position i + off
     K += bh // GROUP * Tk * HEAD_DIM                # the group's key/value head, read in place
     V += bh // GROUP * Tk * HEAD_DIM
@@ -204,11 +253,11 @@ def _fwd_kernel(Q, K, V, O, LSE2, Tq, Tk, GROUP, qk_scale, tune_key, CAUSAL: tl.
     tl.store(LSE2 + bh * Tq + rows, m_i + tl.math.log2(l_i), mask=rows < Tq)  # log2 sum_j 2^S_ij
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["Tq"])
 def _delta_kernel(O, DO, Delta, Tq, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
     """Backward preprocessing: delta_i = rowsum(dO * O)_i (= sum_j P_ij dP_ij), used in dS below."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    bh = tl.program_id(1).to(tl.int64)
+    bh = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     o = _load_rows(O + bh * Tq * HEAD_DIM, rows, Tq, HEAD_DIM).to(tl.float32)
     do = _load_rows(DO + bh * Tq * HEAD_DIM, rows, Tq, HEAD_DIM).to(tl.float32)
     tl.store(Delta + bh * Tq + rows, tl.sum(o * do, 1), mask=rows < Tq)
@@ -217,7 +266,8 @@ def _delta_kernel(O, DO, Delta, Tq, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexp
 @triton.jit
 def _dq_block(dq, q, do, lse2, delta, K, V, rows, n0, Tk, off, qk_scale, MASKED: tl.constexpr,
               CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """dQ += dS K over keys n0..n0+BLOCK_N, with P recomputed from the saved log-sum-exp."""
+    """dQ += dS K over keys n0..n0+BLOCK_N, with P recomputed from the saved log-sum-exp. Keys past Tk
+    are masked: they load as zeros, but exp(0 - LSE) can overflow, and inf * 0 is NaN."""
     cols = n0 + tl.arange(0, BLOCK_N)
     k = _load_rows(K, cols, Tk, HEAD_DIM)                               # (BLOCK_N, D)
     v = _load_rows(V, cols, Tk, HEAD_DIM)                               # (BLOCK_N, D)
@@ -229,13 +279,22 @@ def _dq_block(dq, q, do, lse2, delta, K, V, rows, n0, Tk, off, qk_scale, MASKED:
     return dq + _dot(ds.to(k.dtype), k)                                 # (BLOCK_M, D)
 
 
-@_autotune([(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)], (16, 32, 1, 1))
-@triton.jit
+# Dropped: 4-warp tiles of 128 query rows spill (a 128 x D fp32 dQ accumulator over 128 threads is D
+# registers per thread before anything else), and so do (128, 64, 8, 2) and (64, 64, 4, 3) on sm_80
+# at head dim 128.
+DQ_TILES = {90: {64: [(128, 64, 8, 3), (128, 32, 4, 3)],
+                 128: [(128, 64, 8, 3), (128, 32, 8, 3), (64, 32, 4, 4)]},
+            80: {64: [(128, 64, 8, 3), (64, 64, 4, 3)],
+                 128: [(128, 32, 8, 3), (64, 64, 8, 3)]}}
+
+
+@_autotune(DQ_TILES, (16, 32, 1, 1))
+@triton.jit(do_not_specialize=_INTS)
 def _dq_kernel(Q, K, V, DO, DQ, LSE2, Delta, Tq, Tk, GROUP, qk_scale, scale, tune_key, CAUSAL: tl.constexpr,
                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Program (i, bh): dQ = scale * dS K for query rows i*BLOCK_M.., over the keys the forward visited."""
-    m0 = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1).to(tl.int64)
+    """Program (bh, i): dQ = scale * dS K for one block of query rows, over the keys the forward visited."""
+    bh = tl.program_id(0).to(tl.int64)
+    m0 = _query_block(tl.cdiv(Tq, BLOCK_M), CAUSAL, BLOCK_M)
     off = Tk - Tq
     K += bh // GROUP * Tk * HEAD_DIM
     V += bh // GROUP * Tk * HEAD_DIM
@@ -254,33 +313,55 @@ def _dq_kernel(Q, K, V, DO, DQ, LSE2, Delta, Tq, Tk, GROUP, qk_scale, scale, tun
 
 
 @triton.jit
-def _dkdv_block(dk, dv, k, v, Q, DO, LSE2, Delta, cols, m0, Tq, Tk, off, qk_scale, MASKED: tl.constexpr,
-                CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """dV += P^T dO and dK += dS^T Q over query rows m0..m0+BLOCK_M of one query head. Rows past Tq
-    load as zeros and add nothing; keys past Tk only reach their own rows of dK, dV (not stored)."""
+def _dkdv_block(dk, dv, k, v, Q, DO, LSE2, Delta, cols, m0, Tq, off, qk_scale, MASKED: tl.constexpr,
+                BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Key-major: over query rows m0..m0+BLOCK_M, with S^T = K Q^T computed directly,
+    P^T = exp(S^T - LSE), dV += P^T dO, dP^T = V dO^T, dS^T = P^T * (dP^T - delta), dK += dS^T Q.
+    P^T and dS^T come out of their dots as the (BLOCK_N, BLOCK_M) left operands of the next ones, so
+    they stay in registers; only the loaded Q and dO tiles are read transposed. Query rows past Tq
+    load as zeros (LSE = delta = 0) and add exactly nothing; keys past Tk only reach their own rows of
+    dK and dV, which are not stored."""
     rows = m0 + tl.arange(0, BLOCK_M)
     q = _load_rows(Q, rows, Tq, HEAD_DIM)                               # (BLOCK_M, D)
     do = _load_rows(DO, rows, Tq, HEAD_DIM)                             # (BLOCK_M, D)
     lse2 = tl.load(LSE2 + rows, mask=rows < Tq, other=0.0)              # (BLOCK_M,)
     delta = tl.load(Delta + rows, mask=rows < Tq, other=0.0)            # (BLOCK_M,)
-    p = tl.math.exp2(_dot(q, tl.trans(k)) * qk_scale - lse2[:, None])   # (BLOCK_M, BLOCK_N) P = exp(S - LSE)
-    if MASKED:
-        p = tl.where(_allowed(rows, cols, Tk, off, CAUSAL), p, 0.0)
-    dv += _dot(tl.trans(p).to(do.dtype), do)                            # dV = P^T dO   (BLOCK_N, D)
-    dp = _dot(do, tl.trans(v))                                          # dP = dO V^T
-    ds = p * (dp - delta[:, None])                                      # dS = P * (dP - delta)
-    dk += _dot(tl.trans(ds).to(q.dtype), q)                             # dK = dS^T Q   (BLOCK_N, D)
+    pt = tl.math.exp2(_dot(k, tl.trans(q)) * qk_scale - lse2[None, :])  # (BLOCK_N, BLOCK_M) P^T
+    if MASKED:  # causal: key j is seen by query i when j <= i + off
+        pt = tl.where(cols[:, None] <= rows[None, :] + off, pt, 0.0)
+    dv += _dot(pt.to(do.dtype), do)                                     # dV += P^T dO   (BLOCK_N, D)
+    dpt = _dot(v, tl.trans(do))                                         # dP^T = V dO^T  (BLOCK_N, BLOCK_M)
+    dst = pt * (dpt - delta[None, :])                                   # dS^T = P^T * (dP^T - delta)
+    dk += _dot(dst.to(q.dtype), q)                                      # dK += dS^T Q   (BLOCK_N, D)
     return dk, dv
 
 
-@_autotune([(32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 4)], (32, 16, 1, 1))
-@triton.jit
+# BLOCK_N key rows are the rows of every dot here, so on sm_90 every tile is wgmma with BLOCK_N >= 64,
+# whatever BLOCK_M is. dK and dV are two BLOCK_N x D fp32 accumulators: at D = 128, BLOCK_N = 128 over
+# 8 warps they take 128 registers per thread, and only BLOCK_M = 32 query rows leave room for S^T,
+# dP^T and their operands without spilling ((64, 128, 8, 2|3) spill 20-84 bytes, (32, 128, 4, 3)
+# 2 KB). BLOCK_N = 128 rather than 64 halves the Q and dO bytes read from L2 per flop. mma.sync
+# (sm_80) needs more registers for the same tiles: there BLOCK_M * BLOCK_N is halved.
+DKDV_TILES = {90: {64: [(64, 128, 8, 3), (32, 128, 8, 3)],
+                   128: [(32, 128, 8, 3), (32, 128, 8, 2)]},
+              80: {64: [(32, 128, 8, 3), (32, 64, 4, 3)],
+                   128: [(64, 64, 8, 3), (16, 128, 8, 3)]}}
+
+
+@_autotune(DKDV_TILES, (32, 16, 1, 1), reset_to_zero=["DK", "DV"])
+@triton.jit(do_not_specialize=_INTS)
 def _dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, Delta, Tq, Tk, GROUP, qk_scale, scale, tune_key,
-                 CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Program (j, bhk): dK = scale * dS^T Q and dV = P^T dO for keys j*BLOCK_N.. of key/value head
-    bhk, summed over the GROUP query heads that read it (GQA) and over their query tiles."""
-    n0 = tl.program_id(0) * BLOCK_N
-    bhk = tl.program_id(1).to(tl.int64)
+                 CAUSAL: tl.constexpr, ATOMIC: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
+    """Program (bh, j): query head bh's share of dK = scale * dS^T Q and dV = P^T dO for keys
+    j*BLOCK_N.. of its key/value head, over every query tile that sees them.
+
+    GQA: the GROUP query heads of a key/value head run as separate programs (GROUP times the
+    parallelism of walking the group in one program) and add their shares into fp32 dK, dV with one
+    atomic add per element at the end (ATOMIC); without GQA each program owns its rows and stores."""
+    bh = tl.program_id(0).to(tl.int64)
+    n0 = tl.program_id(1) * BLOCK_N                 # key block 0 has the most causal work and runs first
+    bhk = bh // GROUP
     off = Tk - Tq
     cols = n0 + tl.arange(0, BLOCK_N)
     k = _load_rows(K + bhk * Tk * HEAD_DIM, cols, Tk, HEAD_DIM)         # (BLOCK_N, D)
@@ -290,26 +371,88 @@ def _dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, Delta, Tq, Tk, GROUP, qk_scale, scal
     if CAUSAL:  # query rows < m_lo see none of these keys, rows >= m_full see all of them
         m_lo = tl.maximum(n0 - off, 0) // BLOCK_M * BLOCK_M
         m_full = tl.minimum(tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 - off, 0), BLOCK_M) * BLOCK_M, Tq)
-    else:
+    else:  # every query sees every key; the tail tile's padded rows add nothing, so no mask at all
         m_lo = 0
         m_full = 0
-    for g in range(GROUP):
-        bh = bhk * GROUP + g                        # the query heads b*H + h with g(h) = this head
-        Qh, DOh, LSE2h, Deltah = Q + bh * Tq * HEAD_DIM, DO + bh * Tq * HEAD_DIM, LSE2 + bh * Tq, Delta + bh * Tq
-        for m0 in range(m_lo, m_full, BLOCK_M):     # the diagonal, masked
-            dk, dv = _dkdv_block(dk, dv, k, v, Qh, DOh, LSE2h, Deltah, cols, m0, Tq, Tk, off, qk_scale,
-                                 True, CAUSAL, BLOCK_M, HEAD_DIM)
-        for m0 in range(m_full, Tq, BLOCK_M):
-            dk, dv = _dkdv_block(dk, dv, k, v, Qh, DOh, LSE2h, Deltah, cols, m0, Tq, Tk, off, qk_scale,
-                                 False, CAUSAL, BLOCK_M, HEAD_DIM)
-    _store_rows(DK + bhk * Tk * HEAD_DIM, dk * scale, cols, Tk, HEAD_DIM)
-    _store_rows(DV + bhk * Tk * HEAD_DIM, dv, cols, Tk, HEAD_DIM)
+    Q, DO, LSE2, Delta = Q + bh * Tq * HEAD_DIM, DO + bh * Tq * HEAD_DIM, LSE2 + bh * Tq, Delta + bh * Tq
+    for m0 in range(m_lo, m_full, BLOCK_M):         # the diagonal, masked
+        dk, dv = _dkdv_block(dk, dv, k, v, Q, DO, LSE2, Delta, cols, m0, Tq, off, qk_scale, True, BLOCK_M, HEAD_DIM)
+    for m0 in range(m_full, Tq, BLOCK_M):
+        dk, dv = _dkdv_block(dk, dv, k, v, Q, DO, LSE2, Delta, cols, m0, Tq, off, qk_scale, False, BLOCK_M, HEAD_DIM)
+    DK += bhk * Tk * HEAD_DIM
+    DV += bhk * Tk * HEAD_DIM
+    if ATOMIC:
+        d = tl.arange(0, HEAD_DIM)
+        at = cols[:, None] * HEAD_DIM + d[None, :]                      # (BLOCK_N, D) offsets
+        ok = (cols[:, None] < Tk) & (d[None, :] < HEAD_DIM)
+        tl.atomic_add(DK + at, dk * scale, mask=ok, sem="relaxed")
+        tl.atomic_add(DV + at, dv, mask=ok, sem="relaxed")
+    else:
+        _store_rows(DK, dk * scale, cols, Tk, HEAD_DIM)
+        _store_rows(DV, dv, cols, Tk, HEAD_DIM)
 
 
 def _shape_args(q, k, causal):
     Tq, Tk = q.shape[2], k.shape[2]
     return dict(Tq=Tq, Tk=Tk, GROUP=q.shape[1] // k.shape[1], tune_key=triton.next_power_of_2(max(Tq, Tk)),
-                CAUSAL=causal, HEAD_DIM=q.shape[3])
+                CAUSAL=causal, HEAD_DIM=q.shape[3], enable_fp_fusion=True)
+
+
+def _flash_forward(q, k, v, causal, scale):
+    """(O, LSE2) for contiguous q, k, v."""
+    B, H, Tq, D = q.shape
+    o = torch.empty_like(q)
+    lse2 = torch.empty(B, H, Tq, device=q.device, dtype=torch.float32)
+    _fwd_kernel[lambda meta: (B * H, triton.cdiv(Tq, meta["BLOCK_M"]))](
+        q, k, v, o, lse2, qk_scale=scale * LOG2E, **_shape_args(q, k, causal))
+    return o, lse2
+
+
+def _bwd_delta(o, do):
+    B, H, Tq, D = o.shape
+    delta = torch.empty(B, H, Tq, device=o.device, dtype=torch.float32)
+    _delta_kernel[(B * H, triton.cdiv(Tq, DELTA_BLOCK_M))](o, do, delta, Tq, HEAD_DIM=D, BLOCK_M=DELTA_BLOCK_M,
+                                                           enable_fp_fusion=True)
+    return delta
+
+
+def _bwd_dq(q, k, v, do, lse2, delta, causal, scale):
+    B, H, Tq, D = q.shape
+    dq = torch.empty_like(q)
+    _dq_kernel[lambda meta: (B * H, triton.cdiv(Tq, meta["BLOCK_M"]))](
+        q, k, v, do, dq, lse2, delta, qk_scale=scale * LOG2E, scale=scale, **_shape_args(q, k, causal))
+    return dq
+
+
+def _bwd_dkdv(q, k, v, do, lse2, delta, causal, scale):
+    """dK, dV; with GQA summed in fp32 buffers (zeroed: the programs of a group add into them)."""
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    atomic = H != k.shape[1]
+    dk, dv = (torch.zeros_like(k, dtype=torch.float32) if atomic else torch.empty_like(k) for _ in range(2))
+    _dkdv_kernel[lambda meta: (B * H, triton.cdiv(Tk, meta["BLOCK_N"]))](
+        q, k, v, do, dk, dv, lse2, delta, qk_scale=scale * LOG2E, scale=scale, ATOMIC=atomic,
+        **_shape_args(q, k, causal))
+    return dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _flash_backward(q, k, v, o, lse2, do, causal, scale):
+    """dQ, dK, dV (FlashAttention-2's backward, Dao 2023, Alg. 2): delta = rowsum(dO * O), then dQ
+    query-major and dK, dV key-major, each recomputing P = exp(S - LSE) tile by tile.
+
+    dQ is its own pass rather than fused into the dK/dV pass with atomic adds (as FlashAttention-2's
+    CUDA kernel does). Fusing would save recomputing S and dP (5 tile matmuls per (query, key) tile
+    pair instead of 7), but at head dim 128 the dK/dV registers leave room for BLOCK_M = 32 query rows
+    only, so the fused pass would add a 32 x D fp32 tile into dQ atomically for every 128 x 32 tile
+    pair: as many bytes of L2 read-modify-write as the pass reads of Q and dO, and a dQ whose
+    summation order changes from run to run, with or without GQA. Compiled for sm_90 at those tiles,
+    the fused variant (dQ^T = K^T dS^T, wgmma) sits at 255 registers and spills 8-20 bytes with
+    triton 3.9's ptxas, and stages dS^T through 16 KB more shared memory. Separate, dQ runs 128-row
+    query tiles with no atomics, and MHA's backward is deterministic."""
+    delta = _bwd_delta(o, do)
+    dq = _bwd_dq(q, k, v, do, lse2, delta, causal, scale)
+    dk, dv = _bwd_dkdv(q, k, v, do, lse2, delta, causal, scale)
+    return dq, dk, dv
 
 
 class FlashAttention(torch.autograd.Function):
@@ -320,11 +463,7 @@ class FlashAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, causal, scale):
         # contiguous (B, heads, T, D): copying a transposed view costs O(T D), beside O(T^2 D) attention
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        B, H, Tq, D = q.shape
-        o = torch.empty_like(q)
-        lse2 = torch.empty(B, H, Tq, device=q.device, dtype=torch.float32)
-        _fwd_kernel[lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), B * H)](
-            q, k, v, o, lse2, qk_scale=scale * LOG2E, **_shape_args(q, k, causal))
+        o, lse2 = _flash_forward(q, k, v, causal, scale)
         ctx.save_for_backward(q, k, v, o, lse2)
         ctx.causal, ctx.scale = causal, scale
         return o
@@ -332,16 +471,7 @@ class FlashAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse2 = ctx.saved_tensors
-        do = do.contiguous()
-        B, H, Tq, D = q.shape
-        Hkv, Tk = k.shape[1], k.shape[2]
-        delta = torch.empty_like(lse2)
-        _delta_kernel[(triton.cdiv(Tq, 64), B * H)](o, do, delta, Tq, HEAD_DIM=D, BLOCK_M=64)
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        args = dict(qk_scale=ctx.scale * LOG2E, scale=ctx.scale, **_shape_args(q, k, ctx.causal))
-        _dq_kernel[lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), B * H)](q, k, v, do, dq, lse2, delta, **args)
-        _dkdv_kernel[lambda meta: (triton.cdiv(Tk, meta["BLOCK_N"]), B * Hkv)](
-            q, k, v, do, dk, dv, lse2, delta, **args)
+        dq, dk, dv = _flash_backward(q, k, v, o, lse2, do.contiguous(), ctx.causal, ctx.scale)
         return dq, dk, dv, None, None
 
 
@@ -422,31 +552,19 @@ def attention(q, k, v, causal=True, mask=None, scale=None, dropout_p=0.0):
 
 SMEM_LIMITS = {90: 227 * 1024, 80: 163 * 1024}  # bytes per block with the opt-in the launcher requests
 CHECK_DTYPES = ("bf16", "fp16")
-DELTA_BLOCK_M = 64
 _FP32_ARGS = ("LSE2", "Delta")
 _CHECK_INTS = dict(Tq=1000, Tk=1000, tune_key=1024)  # a sequence length that is not a multiple of 16
 
 
 def _launches(head_dim, causal, group):
-    """What one FlashAttention forward + backward compiles: (name, kernel, constexprs, dot_rows), where
-    dot_rows(config) is the number of rows of the tiles its dots produce (wgmma needs >= 64)."""
+    """What one FlashAttention forward + backward compiles: (name, kernel, tiles, constexprs, dot_rows),
+    where tiles is the kernel's autotune table (None: one launch with 4 warps and 3 stages) and
+    dot_rows(config) the number of rows of the tiles its dots produce (wgmma needs >= 64)."""
     shape = dict(CAUSAL=causal, HEAD_DIM=head_dim)
-    return [("fwd", _fwd_kernel, shape, lambda c: c["BLOCK_M"]),
-            ("delta", _delta_kernel, dict(HEAD_DIM=head_dim, BLOCK_M=DELTA_BLOCK_M), lambda c: 0),
-            ("dq", _dq_kernel, shape, lambda c: c["BLOCK_M"]),
-            ("dkdv", _dkdv_kernel, shape, lambda c: min(c["BLOCK_M"], c["BLOCK_N"]))]
-
-
-def _candidates(kernel, constexprs):
-    """(block sizes, num_warps, num_stages) of every configuration `kernel` may run with: the
-    autotuner's list after its own pruning for these constexprs, or the launch defaults (4 warps,
-    3 stages) for a kernel without one."""
-    if isinstance(kernel, triton.runtime.Autotuner):
-        configs = kernel.configs
-        if kernel.early_config_prune:
-            configs = kernel.early_config_prune(configs, {}, **constexprs)
-        return [(dict(c.kwargs), c.num_warps, c.num_stages) for c in configs]
-    return [({}, 4, 3)]
+    return [("fwd", _fwd_kernel, FWD_TILES, shape, lambda c: c["BLOCK_M"]),
+            ("delta", _delta_kernel, None, dict(HEAD_DIM=head_dim, BLOCK_M=DELTA_BLOCK_M), lambda c: 0),
+            ("dq", _dq_kernel, DQ_TILES, shape, lambda c: c["BLOCK_M"]),
+            ("dkdv", _dkdv_kernel, DKDV_TILES, {**shape, "ATOMIC": group > 1}, lambda c: c["BLOCK_N"])]
 
 
 def _signature(fn, dtype, constexprs, ints):
@@ -533,9 +651,11 @@ def compile_check(targets=(90, 80), dtypes=CHECK_DTYPES, head_dims=(64, 128), ca
         return json.loads(child.stdout.strip().splitlines()[-1])
     rows, seen = [], set()
     for target, dtype, head_dim, causal, group in itertools.product(targets, dtypes, head_dims, causals, groups):
-        for name, kernel, constexprs, dot_rows in _launches(head_dim, causal, group):
+        for name, kernel, tiles, constexprs, dot_rows in _launches(head_dim, causal, group):
             fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
-            for meta, num_warps, num_stages in _candidates(kernel, constexprs):
+            candidates = [({"BLOCK_M": m, "BLOCK_N": n}, w, s) for m, n, w, s in _tiles_for(tiles, target, head_dim)
+                          ] if tiles else [({}, 4, 3)]
+            for meta, num_warps, num_stages in candidates:
                 sig, consts, attrs = _signature(fn, dtype, {**constexprs, **meta}, {**_CHECK_INTS, "GROUP": group})
                 key = (fn.__name__, target, _frozen(sig), _frozen(consts), _frozen(attrs), num_warps, num_stages)
                 if key in seen:
