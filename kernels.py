@@ -460,25 +460,37 @@ class FlashAttention(torch.autograd.Function):
     P = exp(S - LSE) tile by tile, so no Tq x Tk matrix is ever stored."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal, scale):
+    def forward(ctx, q, k, v, causal, scale, fall_back):
         # contiguous (B, heads, T, D): copying a transposed view costs O(T D), beside O(T^2 D) attention
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         o, lse2 = _flash_forward(q, k, v, causal, scale)
         ctx.save_for_backward(q, k, v, o, lse2)
-        ctx.causal, ctx.scale = causal, scale
+        ctx.causal, ctx.scale, ctx.fall_back = causal, scale, fall_back
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse2 = ctx.saved_tensors
-        dq, dk, dv = _flash_backward(q, k, v, o, lse2, do.contiguous(), ctx.causal, ctx.scale)
-        return dq, dk, dv, None, None
+        try:
+            grads = _flash_backward(q, k, v, o, lse2, do.contiguous(), ctx.causal, ctx.scale)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as e:
+            if not ctx.fall_back:
+                raise
+            _fall_back(q, k, ctx.causal, e)  # the gradients of the same attention, by SDPA
+            with torch.enable_grad():
+                xs = [x.detach().requires_grad_() for x in (q, k, v)]
+                grads = torch.autograd.grad(sdpa_attention(*xs, ctx.causal, scale=ctx.scale), xs, do)
+        return *grads, None, None, None
 
 
 @torch.compiler.disable  # torch.compile (on by default on CUDA) calls the kernel as it is, untraced
-def flash_attention(q, k, v, causal=True, scale=None):
-    """The Triton kernel with autograd; shapes and the causal convention as in attention()."""
-    return FlashAttention.apply(q, k, v, causal, 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
+def flash_attention(q, k, v, causal=True, scale=None, fall_back=False):
+    """The Triton kernel with autograd; shapes and the causal convention as in attention(). With
+    fall_back, a backward that fails to compile or launch computes the gradients with SDPA instead."""
+    return FlashAttention.apply(q, k, v, causal, 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale,
+                                fall_back)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -499,6 +511,28 @@ def flash_unsupported(q, k, v, causal=True, mask=None, dropout_p=0.0):
     return ""
 
 
+def gpu_unsupported(device):
+    """Why the kernel is not tried on this CUDA device ("" when it is): its tiles are written for the
+    bf16/fp16 tensor cores of compute capability 8.0 (Ampere) and later."""
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"compute capability {major}.{minor} < 8.0" if major < 8 else ""
+
+
+def _device_unsupported(q):
+    """Why auto does not take the kernel for tensors where q is ("" when it does)."""
+    if not HAS_TRITON:
+        return "triton is not installed"
+    return gpu_unsupported(q.device) if q.is_cuda else "no CUDA tensor"
+
+
+def _kernel_class(q, k, causal):
+    """Calls that compile to the same kernels: a failure to compile or launch one holds for all."""
+    return (str(q.device), q.dtype, q.shape[-1], causal, q.shape[1] != k.shape[1])
+
+
+_failed = {}  # _kernel_class -> why the kernel failed there; those calls go to SDPA from then on
+
+
 def select_path(q, k, v, causal=True, mask=None, dropout_p=0.0):
     """(path, reason) for this call under ATTN_IMPL."""
     impl = os.environ.get("ATTN_IMPL", "auto")
@@ -513,8 +547,8 @@ def select_path(q, k, v, causal=True, mask=None, dropout_p=0.0):
         if not HAS_TRITON or not (q.is_cuda or INTERPRET):
             raise RuntimeError("ATTN_IMPL=triton needs triton and a CUDA tensor, or TRITON_INTERPRET=1 on CPU")
         return "triton", "ATTN_IMPL"
-    if not why_not and not (HAS_TRITON and q.is_cuda):
-        why_not = "no CUDA tensor" if HAS_TRITON else "triton is not installed"
+    if not why_not:
+        why_not = _device_unsupported(q) or _failed.get(_kernel_class(q, k, causal), "")
     # One-query decoding is bound by reading the KV cache, not by arithmetic: a BLOCK_M-row query
     # tile would use 1 row, and B*H programs each walking the whole cache leave most of the GPU idle.
     # What pays there is splitting the keys across programs (flash-decoding) and packing a group's
@@ -531,9 +565,32 @@ def _announce(name, reason, what="attention"):
         print(f"[kernels] {what} path: {name} ({reason})")
 
 
+def _fall_back(q, k, causal, error):
+    """Record that the kernel failed for this class of calls, and say so once, on one line."""
+    what = f"{str(q.dtype).removeprefix('torch.')}, head_dim {q.shape[-1]}, {'causal' if causal else 'full'}"
+    why = f"the Triton kernel failed ({what}): {type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
+    _failed[_kernel_class(q, k, causal)] = why[:300]
+    _announced.add(("attention", "sdpa"))  # this line is the SDPA path's announcement
+    print(f"[kernels] attention path: sdpa ({why[:300]})")
+
+
 def attention(q, k, v, causal=True, mask=None, scale=None, dropout_p=0.0):
-    """The attention gpt.py calls. See the module docstring for shapes and the causal convention."""
+    """The attention gpt.py calls. See the module docstring for shapes and the causal convention.
+
+    Under ATTN_IMPL=auto, a kernel that fails to compile or launch (say, a GPU whose shared memory no
+    tile fits) sends this call and every later one of its class to SDPA, with one line that says why;
+    a failure in the backward recomputes the gradients with SDPA. ATTN_IMPL=triton raises instead."""
     path, reason = select_path(q, k, v, causal, mask, dropout_p)
+    if path == "triton" and reason == "auto":
+        try:
+            out = flash_attention(q, k, v, causal, scale, fall_back=True)
+            _announce(path, reason)
+            return out
+        except torch.OutOfMemoryError:
+            raise  # SDPA would not fit either
+        except Exception as e:
+            _fall_back(q, k, causal, e)
+            return sdpa_attention(q, k, v, causal, mask, scale, dropout_p)
     _announce(path, reason)
     if path == "reference":
         return reference_attention(q, k, v, causal, mask, scale)
