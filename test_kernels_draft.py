@@ -119,7 +119,7 @@ def test_compile_check_sm90_sm80_kept_tiles_compile_fit_use_wgmma_and_do_not_spi
     """Every kept tile of every kernel compiles for sm_90 and sm_80; its shared memory fits the
     target's limit; on sm_90 every dot is a wgmma (each tile of every kernel has >= 64 rows: no
     mma.sync fallback is left); nothing spills in bf16 at head dims 64 and 128; GQA's dK/dV add
-    atomically and MHA's store. (fp16 compiles to the same registers and shared memory, and the
+    atomically and MHA's store. (fp16 compiles to the same registers and shared memory as bf16, and the
     non-causal kernels are the causal ones less the mask: `python kernels.py --compile_check` has both.)"""
     rows = kernels.compile_check(targets=(90, 80), dtypes=("bf16",), head_dims=(64, 128), causals=(True,),
                                  groups=(1, 4))
