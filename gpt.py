@@ -894,9 +894,6 @@ def claim_out_dir(out_dir):
         os.makedirs(out_dir, exist_ok=True)
     except OSError as e:
         raise UserError(f"--out_dir {out_dir} cannot be created ({e.strerror}): give another --out_dir") from None
-    free = shutil.disk_usage(out_dir).free
-    check(free >= 64 * 2**20, f"--out_dir {out_dir} has {free / 2**20:.0f} MiB free, too little for checkpoints: "
-          "free some space or give another --out_dir")
     lock = os.path.join(out_dir, ".lock")
     busy = f"another run is using --out_dir {out_dir}: wait for it to finish or give another --out_dir"
     for _ in range(2):
@@ -916,8 +913,11 @@ def claim_out_dir(out_dir):
         raise UserError(busy)
     os.write(fd, str(os.getpid()).encode())
     os.close(fd)
-    _claimed.add(out_dir)
     atexit.register(remove_quietly, lock)
+    free = shutil.disk_usage(out_dir).free
+    check(free >= 64 * 2**20, f"--out_dir {out_dir} has {free / 2**20:.0f} MiB free, too little for checkpoints: "
+          "free some space or give another --out_dir")
+    _claimed.add(out_dir)
 
 
 def first_difference(want, have, prefix=""):
