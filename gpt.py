@@ -174,7 +174,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        xf = x.float()  # the reduction in fp32 also under bf16 autocast (notes 7)
+        xf = x.float()  # the reduction in fp32 also under bf16 autocast (notes 7; Micikevicius et al. 2018)
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
@@ -257,8 +257,8 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm: x + attn(norm(x)), then + ffn(norm(.)) (notes 4.7). The attention and FFN modules are the
-    config's (softmax or linear attention, dense or mixture of experts)."""
+    """Pre-norm: x + attn(norm(x)), then + ffn(norm(.)) (notes 4.7; Xiong et al. 2020). The attention and FFN
+    modules are the config's (softmax or linear attention, dense or mixture of experts)."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -273,7 +273,8 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """The decoder-only transformer (notes 8.2): embeddings, n_layer blocks, final norm, LM head."""
+    """The decoder-only transformer (notes 8.2; GPT, Radford et al. 2018): embeddings, n_layer blocks, the
+    final norm, the LM head."""
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -375,7 +376,7 @@ def lm_loss(logits, targets, ignore_index=-1):
 # 4. The switches, each chosen once in Block / GPT.__init__
 
 class PostNormBlock(Block):
-    """Post-norm: norm(x + f(x)), as in the original transformer (notes 4.7)."""
+    """Post-norm: norm(x + f(x)), as in the original transformer (Vaswani et al. 2017; notes 4.7)."""
 
     def forward(self, x, rope, mask, cache):
         x = self.norm1(x + self.attn(x, rope, mask, cache))
@@ -752,7 +753,8 @@ def pick_device(name="auto"):
 
 def autocast_dtype(device, dtype="auto"):
     """The compute dtype: bf16 on GPUs that support it, fp16 on older GPUs (with a GradScaler),
-    fp32 on CPU unless asked for (notes 7: fp32 master weights either way)."""
+    fp32 on CPU unless asked for (notes 7; mixed precision, Micikevicius et al. 2018: fp32 master weights
+    either way)."""
     if dtype != "auto":
         return DTYPES[dtype]
     if torch.device(device).type == "cuda":
@@ -970,7 +972,9 @@ def load_stage(path, stage, train_missing, device="cpu", requires=None, build=No
         train_missing()
     ckpt = load_checkpoint(path)
     where = f"--out_dir {os.path.dirname(path) or '.'}"
-    check(ckpt.get("finished"), f"{path} stopped at step {ckpt.get('step')} of {ckpt.get('max_steps')}: finish it "
+    check("finished" in ckpt, f"{path} records nothing of how it was built (an earlier version of this project "
+          "wrote it): delete it and run again")
+    check(ckpt["finished"], f"{path} stopped at step {ckpt.get('step')} of {ckpt.get('max_steps')}: finish it "
           f"with `python {stage}.py --resume {where}`, or delete it")
     diff = first_difference(requires or {}, ckpt)
     check(not diff, diff and f"{path} was built with {diff[0]}={diff[2]!r}, this run asks for {diff[1]!r}: delete "

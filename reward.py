@@ -1,10 +1,10 @@
 """
 reward.py: preference data from a simulated labeller, and a reward model trained on it (notes 10.5,
-"Stage 2: Reward Modelling").
+"Stage 2: Reward Modelling"; InstructGPT, Ouyang et al. 2022).
 
 Preference data: for training prompts, the SFT policy samples responses; a simulated labeller who
 knows the true reward r* of sft.py prefers y1 over y2 with the Bradley-Terry probability
-    P(y1 > y2) = sigmoid((r*(y1) - r*(y2)) / tau)                (homework 2; problem set 4.3(c)(i))
+    P(y1 > y2) = sigmoid((r*(y1) - r*(y2)) / tau)   (Bradley & Terry 1952; homework 2; problem set 4.3(c)(i))
 and ranks K responses by Plackett-Luce sampling from the same model. No model can agree with such
 noisy labels more often than the noise ceiling, mean over pairs of max(P, 1 - P), printed beside
 the reward model's accuracy. dpo.py reuses this data code.
@@ -128,7 +128,7 @@ class RewardConfig:
 
 
 class CrossAttention(nn.Module):
-    """Multi-head attention of queries from z over keys and values from x (notes 4.5, eq. 9-11):
+    """Multi-head attention of queries from z over keys and values from x (notes 4.5, eq. 9-11; Vaswani et al. 2017):
     Q = Z W_q, K = X W_k, V = X W_v, A_h = softmax(Q_h K_h^T / sqrt(d_head)) V_h, heads concatenated and
     mixed by W_O. No causal mask and no positions. With x = z it is self-attention."""
 
@@ -150,8 +150,9 @@ class CrossAttention(nn.Module):
 
 
 class LatentBlock(nn.Module):
-    """Perceiver-style latent block (notes 4.6): M learned latents Z (1, M, C), shared across the batch,
-    read the sequence X (B, L, C), then exchange what they read, each step pre-norm with a residual:
+    """Perceiver-style latent block (notes 4.6; Perceiver, Jaegle et al. 2021): M learned latents Z (1, M, C),
+    shared across the batch, read the sequence X (B, L, C), then exchange what they read, each step pre-norm
+    with a residual:
         z = z + CrossAttention(q <- z, k, v <- x)     "what should I learn from all of you tokens?"
         z = z + SelfAttention(q, k, v <- z)
         z = z + MLP(z)

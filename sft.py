@@ -1,6 +1,6 @@
 """
 sft.py: the instruction task every alignment script shares, prompt-masked supervised fine-tuning
-(notes 10.3) and LoRA (notes 10.4).
+(notes 10.3; InstructGPT, Ouyang et al. 2022) and parameter-efficient fine-tuning (notes 10.4).
 
 The task: add two d-digit integers. The prompt is "123+456", the correct response "579". The
 demonstrations come from a sloppy demonstrator who, on a fraction of prompts, forgets one carry,
@@ -237,7 +237,8 @@ def percent_ci(m, key):
 def before_after_rows(m):
     """The rows of the before -> after table every alignment stage prints."""
     b, a = m["before"], m["after"]
-    return [("exact match, sampled (T=1), 95% CI", f"{percent_ci(b, 'sample_accuracy')} -> {percent_ci(a, 'sample_accuracy')}"),
+    return [("exact match, sampled (T=1), 95% CI",
+             f"{percent_ci(b, 'sample_accuracy')} -> {percent_ci(a, 'sample_accuracy')}"),
             ("exact match, greedy, 95% CI", f"{percent_ci(b, 'accuracy')} -> {percent_ci(a, 'accuracy')}"),
             ("true reward r*, sampled", f"{b['true_reward']:.3f} -> {a['true_reward']:.3f}"),
             ("KL(pi || pi_ref) per prompt", f"{a['kl']:.3f}")]
@@ -258,7 +259,7 @@ def linear_with(weight, bias):
 
 class LoRALinear(nn.Module):
     """A frozen linear layer (nn.Linear, or NF4Linear for QLoRA) plus the low-rank update
-    (alpha / r) B A: W = W_0 + (alpha / r) B A (notes 10.4), A: (r, d_in), B: (d_out, r)."""
+    (alpha / r) B A: W = W_0 + (alpha / r) B A (LoRA, Hu et al. 2021; notes 10.4), A: (r, d_in), B: (d_out, r)."""
 
     def __init__(self, base, rank, alpha):
         super().__init__()
@@ -299,7 +300,7 @@ def blockwise(x, size):
 
 
 class NF4Linear(nn.Module):
-    """A frozen linear layer stored as QLoRA stores W_0 (notes 10.4): W_0 = s * W_0^quantized per
+    """A frozen linear layer stored as QLoRA stores W_0 (Dettmers et al. 2023; notes 10.4): W_0 = s * W_0^quantized per
     block of 64 weights, s the block's absmax and W_0^quantized one of the 16 NF4 levels (4 bits,
     two codes per uint8). Double quantisation: the scales s, their mean subtracted, are stored in
     8 bits with one fp32 absmax per block of 256 scales (the paper uses 8-bit floats, this uses int8
@@ -414,7 +415,7 @@ def merge_lora(model):
 
 
 class Adapter(nn.Module):
-    """Adapter(h) = h + W_up act(W_down h) (notes 10.4) on the output h (B, T, d_model) of a frozen
+    """Adapter(h) = h + W_up act(W_down h) (Houlsby et al. 2019; notes 10.4) on the output h (B, T, d_model) of a frozen
     sublayer, W_down: (dim, d_model), W_up: (d_model, dim). W_up = 0 at the start: the identity."""
 
     def __init__(self, sublayer, d_model, dim):
@@ -572,8 +573,8 @@ def finetune(model, task, sft_cfg, train_cfg, built_from=None):
             gpt.save_checkpoint(path, **{**ckpt, "model": model.state_dict(), "optimizer": None})
             print(f"saved {path}: " + (
                 "adapters cannot be merged into the weights (the bottleneck is nonlinear), read it with "
-                "sft.load_adapter_model; sft.pt, where the later stages start, is unchanged" if sft_cfg.adapter_dim
-                else f"a plain GPT, the LoRA update merged into the {'dequantised NF4 ' if sft_cfg.qlora else ''}weights"))
+                "sft.load_adapter_model; sft.pt, where the later stages start, is unchanged" if sft_cfg.adapter_dim else
+                f"a plain GPT, the LoRA update merged into the {'dequantised NF4 ' if sft_cfg.qlora else ''}weights"))
     return model, result
 
 
