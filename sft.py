@@ -468,6 +468,8 @@ class SFTConfig:
                                       "<eos>, which pretraining never saw (without them a frozen model barely learns)")
     prefix_lm: bool = arg(False, "fine-tune as a prefix LM: the prompt up to and including <sep> attends "
                                  "bidirectionally (notes 8.4); recorded in the checkpoint's config")
+    seeds: str = arg("", "a benchmark instead of one run: fine-tune once per seed of this comma-separated list, "
+                         "all from out_dir/gpt.pt, each into out_dir/seed_<N>, and print every run and the spread")
 
     def __post_init__(self):
         gpt.check(self.lora_rank >= 0, f"lora_rank must be >= 0, got {self.lora_rank}")
@@ -479,6 +481,11 @@ class SFTConfig:
         gpt.check(not (self.adapter_dim and self.lora_rank), "choose one parameter-efficient method: --adapter_dim "
                   "or --lora_rank, not both")
         gpt.check(not self.init or os.path.isfile(self.init), f"--init {self.init}: no such file")
+        gpt.check(all(x.strip().lstrip("-").isdigit() for x in self.seeds.split(",")) if self.seeds else True,
+                  f"--seeds {self.seeds!r}: give comma-separated integers, e.g. 0,1,2,3,4")
+
+    def seed_list(self):
+        return [int(x) for x in self.seeds.split(",")] if self.seeds else []
 
     def method(self):
         """A short description of what trains."""
@@ -634,10 +641,32 @@ def load_sft_policy(task, train_cfg, device):
         task, sft_cfg, gpt.inherit(defaults, train_cfg)), device, requires={"task": task.identity})
 
 
+def seed_sweep(task, sft_cfg, train_cfg):
+    """`python sft.py --seeds 0,1,2,3,4`: the stage once per seed (its batches and demonstrations), all from one
+    pretrained model, each into out_dir/seed_<N>; then each run's held-out figures and their mean and range.
+    Seeds stand in for another machine: where the float rounding of another CPU moves a run, so do they."""
+    base = os.path.join(train_cfg.out_dir, "gpt.pt")
+    model_cfg, defaults, data_cfg = gpt.pretrain_defaults()
+    gpt.load_stage(base, "gpt", lambda: gpt.pretrain_and_report(model_cfg, gpt.inherit(defaults, train_cfg), data_cfg))
+    runs = {}
+    for seed in sft_cfg.seed_list():
+        _, runs[seed] = train_sft(task, dataclasses.replace(sft_cfg, init=base, seeds=""), dataclasses.replace(
+            train_cfg, seed=seed, out_dir=os.path.join(train_cfg.out_dir, f"seed_{seed}")))
+    keys = ("accuracy", "sample_accuracy", "true_reward", "train_seconds")
+    spread = {k: {"mean": sum(m[k] for m in runs.values()) / len(runs), "min": min(m[k] for m in runs.values()),
+                  "max": max(m[k] for m in runs.values())} for k in keys}
+    rows = [(f"seed {seed}", f"greedy {m['accuracy']:.1%}, sampled {m['sample_accuracy']:.1%}, "
+                             f"r* {m['true_reward']:.3f}, {m['train_seconds']:.0f} s") for seed, m in runs.items()]
+    rows += [(f"{k}: mean [min, max]", f"{v['mean']:.4g} [{v['min']:.4g}, {v['max']:.4g}]") for k, v in spread.items()]
+    gpt.print_table(f"SFT over {len(runs)} seeds from {base}, held-out ({task.n_heldout} prompts)", rows)
+    gpt.write_metrics("sft_seeds", {"base": base, "runs": {str(s): {k: m[k] for k in keys} for s, m in runs.items()},
+                                    **spread}, train_cfg.out_dir)
+
+
 def main(argv=None):
     task, sft_cfg, train_cfg = gpt.parse_args(list(sft_defaults()), argv,
                                               description="prompt-masked SFT, full or with LoRA, QLoRA or adapters")
-    train_sft(task, sft_cfg, train_cfg)
+    (seed_sweep if sft_cfg.seeds else train_sft)(task, sft_cfg, train_cfg)
 
 
 if __name__ == "__main__":

@@ -82,6 +82,15 @@ def last_json_line(r):
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def stage_dir(tmp_path, *checkpoints):
+    """A fresh out_dir holding copies of the given checkpoints."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for path in checkpoints:
+        shutil.copy(path, out)
+    return out
+
+
 # the tiny settings every end-to-end run uses: a 2-layer model, a few steps, the CPU
 CPU = ["--device", "cpu"]
 TINY_MODEL = ["--block_size", "32", "--n_layer", "2", "--n_embd", "32", "--n_head", "4", "--n_kv_head", "2"]
@@ -1692,6 +1701,20 @@ def test_sft_main_end_to_end(fine_tuned):
     assert ckpt["built_from"]["gpt"]["stage"] == "gpt" and ckpt["built_from"]["gpt"]["config"]["n_layer"] == 2
 
 
+def test_sft_seed_sweep_runs_each_seed_from_one_pretrained_model(tmp_path, pretrained):
+    out = stage_dir(tmp_path, pretrained[1] / "gpt.pt")
+    r = run_script(["sft.py", "--out_dir", str(out), "--seeds", "3,4", "--max_steps", "3", "--eval_interval", "3",
+                    "--batch_size", "4", "--heldout", "8", *CPU], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    m = json.loads((out / "sft_seeds_metrics.json").read_text())
+    assert last_json_line(r) == m and set(m["runs"]) == {"3", "4"}
+    runs = [gpt.load_checkpoint(str(out / f"seed_{s}" / "sft.pt")) for s in (3, 4)]
+    assert [c["train_config"]["seed"] for c in runs] == [3, 4] and all(c["finished"] for c in runs)
+    assert not torch.equal(runs[0]["model"]["wte.weight"], runs[1]["model"]["wte.weight"])  # other batches
+    acc = [m["runs"][s]["accuracy"] for s in ("3", "4")]
+    assert m["accuracy"] == {"mean": sum(acc) / 2, "min": min(acc), "max": max(acc)}
+
+
 # =============================================================================================
 # 4. reward.py
 
@@ -1895,15 +1918,6 @@ def test_reward_main_end_to_end(reward_trained):
     rm = reward.load_reward_model(str(out / "reward.pt"))
     ckpt = gpt.load_checkpoint(str(out / "reward.pt"))
     assert isinstance(rm, reward.RewardModel) and ckpt["finished"] and ckpt["built_from"]["sft"]["stage"] == "sft"
-
-
-def stage_dir(tmp_path, *checkpoints):
-    """A fresh out_dir holding copies of the given checkpoints."""
-    out = tmp_path / "out"
-    out.mkdir()
-    for path in checkpoints:
-        shutil.copy(path, out)
-    return out
 
 
 # =============================================================================================
