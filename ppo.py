@@ -26,6 +26,7 @@ import copy
 import dataclasses
 import os
 import random
+import time
 from dataclasses import dataclass
 
 import torch
@@ -373,7 +374,9 @@ def train_ppo(task, cfg, train_cfg):
 
     while not run.done:
         # 1-2. Rollout k with theta_old = the current policy: samples for batch_size prompts, samples_per_prompt
-        # responses each; log-probs, values, rewards, GAE
+        # responses each; log-probs, values, rewards, GAE. Its seconds count as training time (the Trainer
+        # counts its optimizer steps), so that --max_seconds compares PPO with other stages at equal wall time.
+        t = time.perf_counter()
         k, start = run.step // (cfg.epochs * cfg.minibatches), run.step
         rng = gpt.step_rng(train_cfg.seed, k)
         prompts = [p for p in sft.sample_prompts(task, train_cfg.batch_size, rng) for _ in range(cfg.samples_per_prompt)]
@@ -385,6 +388,7 @@ def train_ppo(task, cfg, train_cfg):
         if cfg.kl_target:  # adaptive KL coefficient (Ziegler et al. 2019): proportional control of beta
             error = max(-0.2, min(0.2, rollout_stats["kl_ref"] / cfg.kl_target - 1))
             run.state["beta"] *= 1 + 0.1 * error
+        run.train_seconds += time.perf_counter() - t
         # 3. E epochs over the rollout, each split into minibatches: a random partition of its tokens (token-step
         # minibatches, notes 10.6) or of its responses (episode-level)
         resp = batch["resp"].bool()
