@@ -386,7 +386,8 @@ def train_ppo(task, cfg, train_cfg):
                                        normalise)
         model.train()
         if cfg.kl_target:  # adaptive KL coefficient (Ziegler et al. 2019): proportional control of beta
-            error = max(-0.2, min(0.2, rollout_stats["kl_ref"] / cfg.kl_target - 1))
+            # on the exact per-state KL summed over the response: the same expectation as the summed k1, less noise
+            error = max(-0.2, min(0.2, rollout_stats["kl_exact"] / cfg.kl_target - 1))
             run.state["beta"] *= 1 + 0.1 * error
         run.train_seconds += time.perf_counter() - t
         # 3. E epochs over the rollout, each split into minibatches: a random partition of its tokens (token-step
