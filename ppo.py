@@ -1,26 +1,46 @@
 """
-ppo.py: RLHF with PPO (notes 10.5 "Stage 3", 10.6, 10.7; problem set 4.3(b)).
+ppo.py: RLHF with PPO (notes 10.5 "Stage 3", 10.6, 10.7; PPO, Schulman et al. 2017; problem set 4.3(b)).
 
 The policy pi_theta and a frozen reference pi_ref both start from out/sft.pt. The objective is
 eq. 12: max E_{x, y ~ pi_theta}[R(x, y)] - beta KL(pi_theta || pi_ref), with R the frozen reward
 model (out/reward.pt) or, with --reward true, the task's ground-truth scorer r*. Every iteration k
-is the notes' nested loop:
+is the notes' nested loop, written out in train_ppo():
 
-1. Rollout: freeze theta_old = theta_k, sample a response for each of a batch of prompts (KV cache,
-   temperature T); record per token the old log-prob, the reference log-prob and the value V(s_t).
-2. Learning signals: per-token reward r_t = -beta KL_t, KL_t = log pi_old(a_t|s_t) - log pi_ref(a_t|s_t),
-   plus R(x, y) at the last response token; TD residuals and GAE by the backward recursion of
-   eq. 15 with done flags; value targets G_t = A_t + V(s_t) (eq. 16); advantages whitened.
-3. Update: E epochs over token-step minibatches of the rollout: the clipped surrogate, the critic's
-   squared error (optionally clipped), the entropy bonus: loss = -(L_actor - c_v L_critic + c_e L_entropy).
-   --kl_mode loss is PPO-KL (notes 10.7): the exact per-token KL(pi_theta || pi_ref) over the whole
-   vocabulary becomes a loss term and leaves the reward.
+1. Rollout: freeze theta_old = theta_k, sample --samples_per_prompt responses for each of a batch of
+   prompts (KV cache, temperature T); record per token the old log-prob, the reference log-prob and
+   the value V(s_t).
+2. Learning signals: per-token reward r_t = -beta KL_t, plus R(x, y) at the last response token; TD
+   residuals and GAE by the backward recursion of eq. 15 with done flags; value targets
+   G_t = A_t + V(s_t) (eq. 16); advantages whitened. KL_t is notes 10.5's log pi_old(a_t|s_t) -
+   log pi_ref(a_t|s_t) (--kl_estimator k1), or k3, or the exact sum over the vocabulary (kl_estimate).
+3. Update: E epochs over minibatches of the rollout (token-step, as in the notes, or whole responses):
+   the clipped surrogate, the critic's squared error (optionally clipped), the entropy bonus:
+   loss = -(L_actor - c_v L_critic + c_e L_entropy). --kl_mode loss is PPO-KL (notes 10.7): the KL
+   leaves the reward and beta E_t[KL(pi_theta(.|s_t) || pi_ref(.|s_t))] becomes a loss term.
+
+The reward in units of its spread (--reward_norm ref, the default): R' = (R - mu) / sigma with mu,
+sigma of the reference policy's rewards, a fixed affine map, so eq. 12 is unchanged with beta
+measured in reward spreads. Without it beta means ten times more for r* (std about 0.2: most samples
+are right, a forgotten carry costs one digit of three) than for the reward model (std about 2): at
+beta = 0.2, pi_ref exp(r* / beta) / Z is itself only about 80% correct, and the noise of the sampled
+KL_t, beta (k1 - exact), weighs as much in the advantages as r*'s spread once the policy has moved.
+
+Why the defaults (measured on the held-out prompts, see the README): with Adam every step moves each
+weight by about lr whatever the gradient's scale, and the first step after each rollout has ratio 1,
+where the clip cannot act, so lr sets how far the policy moves per rollout. At 3e-3 the KL to the
+reference overshoots to several nats in the first rollouts, the noise of KL_t then outweighs R in the
+advantages, and the gain is lost; 3e-4 (and three times it) does not. Minibatches are whole responses:
+a token-step minibatch needs the whole of every response it touches in the forward pass, so on a
+transformer each of them costs a full pass over the rollout. Two epochs of two minibatches give four
+steps per rollout for the price of two passes, and the clip acts on the last three.
 
 The critic is a separate transformer initialised from the reward model's trunk, as in InstructGPT:
 the value loss then cannot pull on the policy's features, and that trunk already reads what decides
-the reward. Its value head starts at zero weights and a bias equal to the SFT policy's mean reward, the
-right expected return at the start. It learns at --critic_lr_scale
-times the policy's learning rate, since it must track returns the policy changes every rollout.
+the reward. Its value head starts at zero weights and a bias equal to the mean reward (0 after
+normalisation), the right expected return at the start. It learns at --critic_lr_scale times the
+policy's learning rate, since it must track returns the policy changes every rollout. Here it explains
+little of the return (the outcome is decided when the carry digit is sampled), so the advantage is
+mostly R minus its mean.
 """
 import copy
 import dataclasses
@@ -100,7 +120,10 @@ def kl_estimate(estimator, logp, ref_logp, dist=None, ref_dist=None):
       k1     log pi(a_t) - log pi_ref(a_t): notes 10.5's KL_t; unbiased, either sign, noisy
       k3     exp(q) - q - 1, q = log pi_ref(a_t) - log pi(a_t): unbiased, >= 0, lower variance
       exact  sum_a pi(a) log(pi(a) / pi_ref(a)): the expectation of both over a_t, no sampling noise
-    The three agree in expectation over a_t, not in their gradients; see the callers."""
+    The three agree in expectation over a_t, not in their gradients. In the shaped reward only k1's policy
+    gradient E_a[grad log pi(a) k1(a)] is grad KL(pi || pi_ref); k3's is grad KL(pi || pi_ref) - grad
+    KL(pi_ref || pi), which vanishes to second order near pi_ref (it hardly holds the policy back); exact
+    depends on s_t only, so ppo_loss adds its direct part. As a loss term, see kl_loss."""
     if estimator == "k1":
         return logp - ref_logp
     if estimator == "k3":
@@ -115,7 +138,8 @@ class RunningMoments:
     so a resumed run continues the same statistics."""
 
     def __init__(self, state=None):
-        self.n, self.mean, self.m2 = (state or {}).get("n", 0), (state or {}).get("mean", 0.0), (state or {}).get("m2", 0.0)
+        state = state or {"n": 0, "mean": 0.0, "m2": 0.0}
+        self.n, self.mean, self.m2 = state["n"], state["mean"], state["m2"]
 
     def update(self, x):
         n, mean, m2 = x.numel(), x.mean().item(), ((x - x.mean()) ** 2).sum().item()
@@ -184,7 +208,7 @@ class PPOConfig:
     kl_mode: str = arg("shaping", "shaping (-beta KL_t in the per-token reward, notes 10.5) | loss (PPO-KL, notes 10.7)")
     kl_estimator: str = arg("k1", "the per-token KL_t: k1 (log pi - log pi_ref, notes 10.5) | k3 (exp(q) - q - 1) | "
                                   "exact (the sum over the vocabulary)")
-    reward_norm: str = arg("none", "the terminal reward as (R - mu) / sigma: none | ref (mu, sigma of the reference "
+    reward_norm: str = arg("ref", "the terminal reward as (R - mu) / sigma: none | ref (mu, sigma of the reference "
                                    "policy's samples, fixed) | running (all rollouts so far) | batch (this rollout)")
     samples_per_prompt: int = arg(1, "responses sampled per prompt in each rollout (batch_size prompts each)")
     kl_target: float = arg(0.0, "adapt beta towards this KL per response after every rollout (0 = fixed beta)")
@@ -197,9 +221,9 @@ class PPOConfig:
     c_e: float = arg(0.0, "entropy bonus coefficient c_e")
     epochs: int = arg(2, "epochs E over each rollout")
     minibatches: int = arg(2, "minibatches per epoch")
-    minibatch: str = arg("tokens", "tokens (token-step minibatches, a random partition of the rollout's tokens, notes "
-                                   "10.6: every step runs on all its responses) | sequences (episode-level, a random "
-                                   "partition of its responses: a step runs on its share of them only)")
+    minibatch: str = arg("sequences", "tokens (token-step minibatches, a random partition of the rollout's tokens, "
+                                      "notes 10.6: every step runs on all its responses) | sequences (episode-level, "
+                                      "a random partition of its responses: a step runs on its share of them only)")
     temperature: float = arg(1.0, "sampling temperature of the rollouts (log-probs use the same)")
     top_k: int = arg(0, "top-k of the rollouts (0 = off; the log-probs do not see the truncation)")
     top_p: float = arg(1.0, "top-p of the rollouts (1 = off; likewise)")
@@ -316,8 +340,8 @@ def ppo_loss(net, batch, mask, cfg, beta):
 def ppo_defaults():
     # batch_size: prompts per rollout; each rollout gives epochs * minibatches optimizer steps
     return (sft.TaskConfig(), PPOConfig(),
-            gpt.TrainConfig(max_steps=800, batch_size=64, lr=3e-6, min_lr=3e-7, warmup_steps=10,
-                            eval_interval=200, weight_decay=0.0))
+            gpt.TrainConfig(max_steps=1600, batch_size=64, lr=3e-4, min_lr=3e-5, warmup_steps=10,
+                            eval_interval=400, weight_decay=0.0))
 
 
 def train_ppo(task, cfg, train_cfg):
@@ -379,7 +403,8 @@ def train_ppo(task, cfg, train_cfg):
         t = time.perf_counter()
         k, start = run.step // (cfg.epochs * cfg.minibatches), run.step
         rng = gpt.step_rng(train_cfg.seed, k)
-        prompts = [p for p in sft.sample_prompts(task, train_cfg.batch_size, rng) for _ in range(cfg.samples_per_prompt)]
+        prompts = [p for p in sft.sample_prompts(task, train_cfg.batch_size, rng)
+                   for _ in range(cfg.samples_per_prompt)]
         g = torch.Generator(device=device).manual_seed(rng.randrange(2 ** 31))
         model.eval()
         batch, rollout_stats = rollout(model, ref, task, prompts, score, cfg, run.state["beta"], g, train_cfg.dtype,
@@ -404,8 +429,9 @@ def train_ppo(task, cfg, train_cfg):
             run.validate(lambda m: heldout(m.policy))
     m = sft.before_after(before, run.finish())
     if gpt.rank() == 0:
-        gpt.print_table(f"PPO (reward={cfg.reward}, reward_norm={cfg.reward_norm}, beta={cfg.beta}, kl_mode={cfg.kl_mode}, "
-                        f"kl_estimator={cfg.kl_estimator}, samples_per_prompt={cfg.samples_per_prompt}) on held-out prompts",
+        gpt.print_table(f"PPO (reward={cfg.reward}, reward_norm={cfg.reward_norm}, beta={cfg.beta}, "
+                        f"kl_mode={cfg.kl_mode}, kl_estimator={cfg.kl_estimator}, "
+                        f"samples_per_prompt={cfg.samples_per_prompt}) on held-out prompts",
                         sft.before_after_rows(m) + [
                             ("reward model score, sampled", f"{m['before']['rm_score']:.3f} -> {m['rm_score']:.3f}"),
                             ("train seconds", m["train_seconds"])])

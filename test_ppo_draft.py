@@ -169,7 +169,7 @@ def test_gae_is_linear_in_rewards_and_values():
     dones[:, -1] = 1
     whole, _ = ppo.gae(r1 + r2, v, dones, 0.9, 0.8)
     zero = torch.zeros_like(v)
-    parts = ppo.gae(r1, zero, dones, 0.9, 0.8)[0] + ppo.gae(r2, zero, dones, 0.9, 0.8)[0] + ppo.gae(zero, v, dones, 0.9, 0.8)[0]
+    parts = sum(ppo.gae(r, value, dones, 0.9, 0.8)[0] for r, value in ((r1, zero), (r2, zero), (zero, v)))
     assert torch.allclose(whole, parts, atol=1e-5)
 
 
@@ -215,8 +215,10 @@ def test_minibatch_parts_partition_tokens_or_whole_responses():
 
 
 @pytest.mark.parametrize("make, words", [
-    (lambda: ppo.PPOConfig(kl_estimator="k2"), "kl_estimator="), (lambda: ppo.PPOConfig(reward_norm="whiten"), "reward_norm="),
-    (lambda: ppo.PPOConfig(samples_per_prompt=0), "samples_per_prompt"), (lambda: ppo.PPOConfig(minibatch="rows"), "minibatch=")])
+    (lambda: ppo.PPOConfig(kl_estimator="k2"), "kl_estimator="),
+    (lambda: ppo.PPOConfig(reward_norm="whiten"), "reward_norm="),
+    (lambda: ppo.PPOConfig(samples_per_prompt=0), "samples_per_prompt"),
+    (lambda: ppo.PPOConfig(minibatch="rows"), "minibatch=")])
 def test_new_ppo_options_reject_bad_values(make, words):
     with pytest.raises(UserError, match=words):
         make()
