@@ -16,7 +16,8 @@ import gpt
 import ppo
 import sft
 from gpt import UserError
-from test_all import CPU, fine_tuned, last_json_line, pretrained, reward_trained, run_script, stage_dir  # noqa: F401
+from test_all import corpus, fine_tuned, pretrained, reward_trained  # noqa: F401 (the fixtures the script test uses)
+from test_all import CPU, last_json_line, run_script, stage_dir
 from test_all import seeded_model
 
 
