@@ -346,7 +346,7 @@ def ppo_defaults():
 
 def train_ppo(task, cfg, train_cfg):
     """The whole stage: SFT policy and reward model -> the nested PPO loop (rollout, then epochs, then
-    token-step minibatches), the before/after table and out_dir/ppo_metrics.json. Returns (policy, metrics)."""
+    minibatches of token steps or of responses), the before/after table and out_dir/ppo_metrics.json. Returns (policy, metrics)."""
     gpt.check(train_cfg.grad_accum == 1, "PPO's minibatches are its accumulation: use --minibatches, not --grad_accum")
     device = gpt.pick_device(train_cfg.device)
     path = os.path.join(train_cfg.out_dir, "ppo.pt")
