@@ -137,7 +137,8 @@ def train_dpo(task, pref, cfg, train_cfg):
                 "kl": sft.kl_to_reference(m, ref, task)}
 
     meta = {"stage": "dpo", "config": dataclasses.asdict(policy.cfg), "task": task.identity,
-            "pref": dataclasses.asdict(pref), "dpo": dataclasses.asdict(cfg), "built_from": {"sft": gpt.provenance(sft_ckpt)}}
+            "pref": dataclasses.asdict(pref), "dpo": dataclasses.asdict(cfg),
+            "built_from": {"sft": gpt.provenance(sft_ckpt)}}
     m = sft.before_after(before, gpt.train(policy, train_cfg, get_batch, loss_fn, evaluate, path, meta, desc="dpo"))
     if gpt.rank() == 0:
         gpt.print_table(f"DPO ({cfg.loss}, beta={cfg.beta}) on held-out prompts: SFT -> aligned",

@@ -866,7 +866,8 @@ def fp8_report(device, n=64, d_in=256, d_out=64, n_loud=4, ratios=(1e2, 1e3, 1e5
 class KernelsConfig:
     batch_tokens: int = field(default=16384, metadata={"help": "benchmark batch: B = batch_tokens // T"})
     n_head: int = field(default=16, metadata={"help": "benchmark query heads"})
-    kv_heads: str = field(default="16,4", metadata={"help": "benchmark key/value head counts (n_head: MHA, fewer: GQA)"})
+    kv_heads: str = field(default="16,4", metadata={"help": "benchmark key/value head counts (n_head: MHA, "
+                                                             "fewer: GQA)"})
     seq_lens: str = field(default="1024,2048,4096,8192", metadata={"help": "benchmark sequence lengths"})
     head_dims: str = field(default="64,128", metadata={"help": "benchmark head dims"})
     fp32: bool = field(default=False, metadata={"help": "on a GPU, check the kernel in fp32 too (IEEE fp32 dots "
@@ -882,7 +883,8 @@ class KernelsConfig:
             try:
                 values = [int(x) for x in getattr(self, name).split(",")]
             except ValueError:
-                raise ValueError(f"--{name} {getattr(self, name)!r} is not a comma-separated list of integers") from None
+                raise ValueError(f"--{name} {getattr(self, name)!r} is not a comma-separated list of "
+                                 "integers") from None
             if min(values) < 1:
                 raise ValueError(f"--{name} must be positive, got {getattr(self, name)!r}")
         if bad := [d for d in self.dims() if d not in FLASH_HEAD_DIMS]:
@@ -1126,7 +1128,8 @@ def main(argv=None):
         print("error: triton is not installed: there is no kernel to check (pip install triton)", file=sys.stderr)
         sys.exit(2)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    name = torch.cuda.get_device_name() if device == "cuda" else "CPU" + ", Triton interpreter" * (not cfg.compile_check)
+    name = (torch.cuda.get_device_name() if device == "cuda" else
+            "CPU" + ", Triton interpreter" * (not cfg.compile_check))
     metrics = {"device": name, "triton": triton.__version__, "torch": torch.__version__, "all_ok": True}
     if not cfg.compile_check:
         dtypes = ([torch.bfloat16, torch.float16] + [torch.float32] * cfg.fp32) if device == "cuda" else [torch.float32]

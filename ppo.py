@@ -205,7 +205,8 @@ class ActorCritic(nn.Module):
 class PPOConfig:
     reward: str = arg("rm", "rm (out_dir/reward.pt, trained by reward.py if missing) | true (the task's r*)")
     beta: float = arg(0.2, "KL coefficient beta of eq. 12 (in units of the reward's spread under --reward_norm)")
-    kl_mode: str = arg("shaping", "shaping (-beta KL_t in the per-token reward, notes 10.5) | loss (PPO-KL, notes 10.7)")
+    kl_mode: str = arg("shaping", "shaping (-beta KL_t in the per-token reward, notes 10.5) | loss (PPO-KL, "
+                                  "notes 10.7)")
     kl_estimator: str = arg("k1", "the per-token KL_t: k1 (log pi - log pi_ref, notes 10.5) | k3 (exp(q) - q - 1) | "
                                   "exact (the sum over the vocabulary)")
     reward_norm: str = arg("ref", "the terminal reward as (R - mu) / sigma: none | ref (mu, sigma of the reference "
@@ -346,7 +347,8 @@ def ppo_defaults():
 
 def train_ppo(task, cfg, train_cfg):
     """The whole stage: SFT policy and reward model -> the nested PPO loop (rollout, then epochs, then
-    minibatches of token steps or of responses), the before/after table and out_dir/ppo_metrics.json. Returns (policy, metrics)."""
+    minibatches of token steps or of responses), the before/after table and out_dir/ppo_metrics.json.
+    Returns (policy, metrics)."""
     gpt.check(train_cfg.grad_accum == 1, "PPO's minibatches are its accumulation: use --minibatches, not --grad_accum")
     device = gpt.pick_device(train_cfg.device)
     path = os.path.join(train_cfg.out_dir, "ppo.pt")
@@ -370,7 +372,8 @@ def train_ppo(task, cfg, train_cfg):
         """R (B,) from the reward model or r*, and both means for the log: their gap is over-optimisation."""
         true = torch.tensor(sft.true_rewards(prompts, responses), device=device)
         rm_score = reward.rewards(rm, prompts, responses, device)
-        return (rm_score if cfg.reward == "rm" else true), {"r_true": true.mean().item(), "r_rm": rm_score.mean().item()}
+        stats = {"r_true": true.mean().item(), "r_rm": rm_score.mean().item()}
+        return (rm_score if cfg.reward == "rm" else true), stats
 
     before = heldout(policy)
     # The reference policy's rewards on 256 training prompts: mu and sigma of --reward_norm ref (the start of
