@@ -93,6 +93,21 @@ def preference_step(logps, ref_logps, cfg):
     return losses.mean(), stats
 
 
+@torch.no_grad()
+def answer_stats(model, task, prompts, device):
+    """What a collapse shows first, on held-out prompts: the mean log-prob of the correct answer and its <eos>
+    (logps/correct, logps/correct_eos), and the mean length of the T=1 samples and the share of them that
+    never emit <eos> (samples/length, samples/no_eos; the samples are evaluate_policy's, same seed)."""
+    ids, target = sft.pack(prompts, [gpt.encode(sft.answer(a, b)) for a, b in prompts], device)
+    per_token, total = gpt.sequence_logprobs(model, ids, target)
+    last = (target * torch.arange(ids.shape[1], device=device)).argmax(1)        # the <eos> position
+    g = torch.Generator(device=device).manual_seed(0)
+    outs = gpt.generate(model, [sft.prompt_tokens(a, b) for a, b in prompts], task.max_response_tokens, generator=g)
+    return {"logps/correct": total.mean().item(), "logps/correct_eos": per_token[torch.arange(len(prompts)), last].mean().item(),
+            "samples/length": sum(len(sft.strip_eos(o)) for o in outs) / len(outs),
+            "samples/no_eos": sum(gpt.EOS not in o for o in outs) / len(outs)}
+
+
 def dpo_defaults():
     """Defaults of `python dpo.py`. A small learning rate matters: at 1e-4 (or 1500 steps at 5e-6) the
     log-probs of the chosen responses fall along with the rejected ones and the policy collapses."""
@@ -118,7 +133,9 @@ def train_dpo(task, pref, cfg, train_cfg):
     with torch.no_grad():  # the reference log-probs, computed once
         ref_logps = torch.cat([response_logps(ref, data[i:i + 256], device) for i in range(0, len(data), 256)])
         held_ref = response_logps(ref, held, device)
-    before = {**sft.evaluate_policy(policy, task), "kl": sft.kl_to_reference(policy, ref, task)}  # 0: pi = pi_ref
+    held_prompts = sft.heldout_prompts(task)
+    before = {**sft.evaluate_policy(policy, task), "kl": sft.kl_to_reference(policy, ref, task),  # kl 0: pi = pi_ref
+              **answer_stats(policy, task, held_prompts, device)}
 
     def get_batch(i):
         rng = gpt.step_rng(train_cfg.seed, i)
@@ -129,12 +146,13 @@ def train_dpo(task, pref, cfg, train_cfg):
         comparisons, ref_b = batch
         loss, stats = preference_step(response_logps(net, comparisons, device), ref_b, cfg)
         return loss + gpt.aux_loss(policy), {"tokens": sum(len(y) + 1 for _, ys, _ in comparisons for y in ys),
-                                             "margin": stats["rewards/margins"], "acc": stats["rewards/accuracies"]}
+                                             "margin": stats["rewards/margins"], "acc": stats["rewards/accuracies"],
+                                             "logp_c": stats["logps/chosen"], "logp_r": stats["logps/rejected"]}
 
     def evaluate(m):
         _, stats = preference_step(response_logps(m, held, device), held_ref, dataclasses.replace(cfg, loss="sigmoid"))
         return {**{f"heldout_{k}": v for k, v in stats.items()}, **sft.evaluate_policy(m, task),
-                "kl": sft.kl_to_reference(m, ref, task)}
+                "kl": sft.kl_to_reference(m, ref, task), **answer_stats(m, task, held_prompts, device)}
 
     meta = {"stage": "dpo", "config": dataclasses.asdict(policy.cfg), "task": task.identity,
             "pref": dataclasses.asdict(pref), "dpo": dataclasses.asdict(cfg), "built_from": {"sft": gpt.provenance(sft_ckpt)}}
