@@ -64,11 +64,14 @@ class DPOConfig:
     beta: float = arg(0.1, "KL strength beta: the implicit reward is beta * log pi/pi_ref")
     loss: str = arg("sigmoid", "sigmoid (DPO) | ipo | hinge | plackett_luce (ranks --k responses)")
     label_smoothing: float = arg(0.0, "sigmoid loss: probability that a label is flipped")
+    rpo_alpha: float = arg(0.0, "weight of the NLL of the chosen response per token (RPO, Pang et al. 2024; "
+                                "0 = the preference loss alone)")
 
     def __post_init__(self):
         gpt.check(self.beta > 0, f"beta must be > 0, got {self.beta}")
         gpt.check_choice(self, "loss", ("sigmoid", "ipo", "hinge", "plackett_luce"))
         gpt.check(0 <= self.label_smoothing < 0.5, f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        gpt.check(self.rpo_alpha >= 0, f"rpo_alpha must be >= 0, got {self.rpo_alpha}")
 
 
 def response_logps(model, comparisons, device):
@@ -79,8 +82,16 @@ def response_logps(model, comparisons, device):
     return gpt.sequence_logprobs(model, ids, target)[1].view(len(comparisons), K)
 
 
-def preference_step(logps, ref_logps, cfg):
-    """The loss and the metrics practitioners log, from log-probs (B, K) ranked best first."""
+def chosen_nll(logp_chosen, n_tokens):
+    """The NLL term of RPO (Pang et al. 2024, "Iterative Reasoning Preference Optimization"): the negative
+    log-likelihood of the chosen responses per token, -sum_b log pi(y+_b | x_b) / sum_b |y+_b|, with |y+| counting
+    the response and its <eos> (as TRL's rpo_alpha). logp_chosen, n_tokens: (B,)."""
+    return -logp_chosen.sum() / n_tokens.sum()
+
+
+def preference_step(logps, ref_logps, cfg, n_tokens=None):
+    """The loss and the metrics practitioners log, from log-probs (B, K) ranked best first; n_tokens (B,): the
+    length of the chosen responses with <eos>, for the RPO term (cfg.rpo_alpha > 0)."""
     if cfg.loss == "plackett_luce":
         losses = plackett_luce_loss(logps, ref_logps, cfg.beta)
         r_c, r_r = cfg.beta * (logps[:, 0] - ref_logps[:, 0]), cfg.beta * (logps[:, -1] - ref_logps[:, -1])
@@ -90,7 +101,11 @@ def preference_step(logps, ref_logps, cfg):
     stats = {"rewards/chosen": r_c.mean().item(), "rewards/rejected": r_r.mean().item(),
              "rewards/margins": (r_c - r_r).mean().item(), "rewards/accuracies": (r_c > r_r).float().mean().item(),
              "logps/chosen": logps[:, 0].mean().item(), "logps/rejected": logps[:, -1].mean().item()}
-    return losses.mean(), stats
+    loss = losses.mean()
+    if cfg.rpo_alpha:  # L_DPO + alpha L_NLL: keeps the chosen likely while the margin grows
+        nll = chosen_nll(logps[:, 0], n_tokens)
+        loss, stats["nll"] = loss + cfg.rpo_alpha * nll, nll.item()
+    return loss, stats
 
 
 @torch.no_grad()
@@ -144,13 +159,15 @@ def train_dpo(task, pref, cfg, train_cfg):
 
     def loss_fn(net, batch):
         comparisons, ref_b = batch
-        loss, stats = preference_step(response_logps(net, comparisons, device), ref_b, cfg)
+        n_chosen = torch.tensor([len(ys[0]) + 1 for _, ys, _ in comparisons], device=device)  # + <eos>
+        loss, stats = preference_step(response_logps(net, comparisons, device), ref_b, cfg, n_chosen)
         return loss + gpt.aux_loss(policy), {"tokens": sum(len(y) + 1 for _, ys, _ in comparisons for y in ys),
                                              "margin": stats["rewards/margins"], "acc": stats["rewards/accuracies"],
                                              "logp_c": stats["logps/chosen"], "logp_r": stats["logps/rejected"]}
 
     def evaluate(m):
-        _, stats = preference_step(response_logps(m, held, device), held_ref, dataclasses.replace(cfg, loss="sigmoid"))
+        _, stats = preference_step(response_logps(m, held, device), held_ref,
+                                   dataclasses.replace(cfg, loss="sigmoid", rpo_alpha=0.0))
         return {**{f"heldout_{k}": v for k, v in stats.items()}, **sft.evaluate_policy(m, task),
                 "kl": sft.kl_to_reference(m, ref, task), **answer_stats(m, task, held_prompts, device)}
 
