@@ -177,7 +177,7 @@ def grpo_rollout(policy, ref, task, prompts, score, cfg, generator, dtype="auto"
 
 def grpo_update(net, batch, cfg, max_len):
     """Step 2, one of the mu optimizer steps on a rollout: the GRPO loss and the metrics TRL logs (the clip
-    fractions, the k3 KL per token)."""
+    fractions; kl_k3, the k3 KL to the reference per token)."""
     logp, _ = gpt.sequence_logprobs(net, batch["ids"], batch["mask"])
     mask, adv = batch["mask"], batch["adv"]
     loss = grpo_loss(logp, batch["old_logp"], batch["ref_logp"], adv, mask, cfg.clip_eps, cfg.kl_coef, cfg.loss_agg,
@@ -185,7 +185,7 @@ def grpo_update(net, batch, cfg, max_len):
     with torch.no_grad():
         q = batch["ref_logp"] - logp
         kl = ((torch.exp(q) - q - 1) * mask).sum() / mask.sum()
-    return loss, {"tokens": batch["ids"].numel(), "kl": kl.item(),
+    return loss, {"tokens": batch["ids"].numel(), "kl_k3": kl.item(),
                   **clip_fractions(logp.detach(), batch["old_logp"], adv, mask, cfg.clip_eps, cfg.eps_high)}
 
 
