@@ -23,8 +23,8 @@ says where the rejected response's probability should go, and here the two respo
 SFT model that share most of their digits (half the pairs differ in one digit, followed by digits both
 have): pushing y- down pushes its correct digits down too, in a context close to y+'s. So log pi(y+) falls
 with log pi(y-) (likelihood displacement, Razin et al. 2024), the correct answer loses probability even on
-digits the SFT model almost never gets wrong, and sampled accuracy collapses while the held-out preference accuracy
-stays where it was. Two members of the family stop it: a larger beta (the weight falls once beta h is a few
+digits the SFT model almost never gets wrong, and sampled accuracy collapses while the held-out preference
+accuracy stays where it was. Two members of the family stop it: a larger beta (the weight falls once beta h is a few
 units, so training stops pulling; IPO's target 1 / (2 beta) does the same), and the NLL term on y+, which
 keeps the chosen likely so that the margin has to grow by the rejected falling. `python dpo.py` uses both.
 """
