@@ -32,6 +32,13 @@ GRPO (`--algo grpo`; Shao et al. 2024, DeepSeekMath, Algorithm 1), written as it
    The loss aggregates l_t (`--loss_agg`): per sequence (the GRPO paper: mean over a response's tokens,
    then over responses), per token (DAPO: sum over all tokens / their count, so long responses weigh
    more), or by a constant (Dr. GRPO: sum / (responses x the maximum response length), no length bias).
+
+The defaults (mu 1, per-token aggregation, group std, symmetric clip 0.2: TRL's) were measured against the
+other options on this task: at equal numbers of rollouts mu = 2 or 4, the three aggregations, batch std and
+clip-higher all land within a point of each other (the responses are 3-5 tokens long, so the aggregations
+barely differ, and kl_coef sets how far the policy goes), while mu > 1 costs time. Dropping the std
+(--scale_rewards none) loses 15 points at the default kl_coef: a group's r* has a std of about 0.14, so the
+advantages are then about seven times smaller and the same kl_coef holds the policy that much harder.
 """
 import copy
 import dataclasses
@@ -81,7 +88,7 @@ def aggregate(per_token, mask, how, max_len=None):
     raise ValueError(f"unknown aggregation {how!r}")
 
 
-def grpo_loss(logp, old_logp, ref_logp, adv, mask, clip_eps=0.2, beta=0.04, loss_agg="sequence", max_len=None,
+def grpo_loss(logp, old_logp, ref_logp, adv, mask, clip_eps=0.2, beta=0.04, loss_agg="token", max_len=None,
               clip_eps_high=None):
     """The GRPO objective as a loss. logp, old_logp, ref_logp, mask: (N, T) per response token (mask 1 on the
     sampled response tokens and their <eos>); adv: (N,) one advantage per response, shared by its tokens.
@@ -118,7 +125,8 @@ class GPROConfig:
     reward: str = arg("true", "true (the task's r*, partial credit) | exact (1 if correct else 0) | "
                               "rm (out_dir/reward.pt, trained by reward.py if missing)")
     online: bool = arg(False, "gpro: sample from the current policy instead of the reference (repeated tilting)")
-    mu: int = arg(2, "grpo: optimizer steps on each rollout (GRPO's mu; with 1 the ratio is 1 and nothing is clipped)")
+    mu: int = arg(1, "grpo: optimizer steps on each rollout (GRPO's mu; with 1 the ratio is 1 and nothing is clipped; "
+                     "--max_steps counts optimizer steps, so max_steps / mu rollouts)")
     clip_eps: float = arg(0.2, "grpo: ratio clip epsilon (the lower one, rho >= 1 - clip_eps, with --clip_eps_high)")
     clip_eps_high: float = arg(0.0, "grpo: upper clip epsilon, rho <= 1 + clip_eps_high (DAPO's clip-higher, "
                                     "e.g. 0.28; 0 = clip_eps)")
