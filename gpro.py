@@ -267,17 +267,17 @@ def train_weighted_likelihood(policy, ref, task, cfg, train_cfg, score, evaluate
 
 
 def train_grpo(policy, ref, task, cfg, train_cfg, score, evaluate, path, meta):
-    """GRPO's loop (Shao et al. 2024, Algorithm 1) from gpt.Trainer's pieces: rollout k samples a group batch with
-    theta_old and records its log-probs, then mu optimizer steps on it. Returns the Trainer's figures plus the
+    """GRPO's loop (Shao et al. 2024, Algorithm 1) from gpt.Trainer's pieces: each rollout samples a group batch
+    with theta_old and records its log-probs, then mu optimizer steps train on it. Returns the Trainer's figures plus the
     clip fractions averaged over all optimizer steps."""
     gpt.check(train_cfg.grad_accum == 1, "GRPO's batch is one rollout: use --batch_size (prompts per rollout), "
               "not --grad_accum")
     run = gpt.Trainer(policy, train_cfg, path, meta, desc="grpo")
     sums = run.state.setdefault("clip_sums", dict.fromkeys(CLIP_KEYS, 0.0))
     while not run.done:
-        # 1. Rollout k with theta_old = the current policy
-        k, start, t = run.step // cfg.mu, run.step, time.perf_counter()
-        rng = gpt.step_rng(train_cfg.seed, k)
+        # 1. Rollout number step // mu with theta_old = the current policy
+        rollout, start, t = run.step // cfg.mu, run.step, time.perf_counter()
+        rng = gpt.step_rng(train_cfg.seed, rollout)
         prompts = sft.sample_prompts(task, train_cfg.batch_size, rng)
         g = torch.Generator(device=run.device).manual_seed(rng.randrange(2 ** 31))
         policy.eval()
