@@ -16,14 +16,34 @@ pi_ref (test_all.py measures the distance shrinking with K). `--online` draws th
 from the current policy instead, which tilts it again at every step (repeated tilting: it keeps
 moving past pi*, towards the reward's argmax, as beta -> 0 would).
 
-GRPO (`--algo grpo`). K samples per prompt from the current policy, group-normalised advantages
-A_i = (r_i - mean(r)) / (std(r) + eps) (`--no-std_norm`: r_i - mean(r), as Dr. GRPO argues), the
-clipped importance ratio of PPO per token, and kl_coef * KL(pi || pi_ref) per token with the k3
-estimator exp(q) - q - 1, q = log pi_ref - log pi; loss averaged per token or per sequence.
+GRPO (`--algo grpo`; Shao et al. 2024, DeepSeekMath, Algorithm 1), written as its nested loop:
+
+1. Rollout: freeze theta_old = theta, draw K responses for each of a batch of prompts, score them, and
+   record the old and the reference per-token log-probs in the training precision (so that the first
+   ratio is exactly 1). Advantages A_i = r_i - mean(r) over the group, divided by a std (`--scale_rewards`):
+   the group's (the paper), the batch's (Liu et al. 2025, "Tricks or Traps?"), or none (Dr. GRPO, Liu et
+   al. 2025, "Understanding R1-Zero-Like Training", which shows the std favours too easy and too hard groups).
+2. Update: `--mu` optimizer steps on that one batch. Per response token
+       l_t = -min(rho_t A, clip(rho_t, 1 - eps_low, 1 + eps_high) A) + kl_coef (exp(q_t) - q_t - 1),
+   rho_t = pi_theta / pi_old, q_t = log pi_ref - log pi_theta (the k3 estimator: unbiased and >= 0). With
+   mu = 1 the ratio is 1 and the step is the plain policy gradient; with mu > 1 the clip stops a token's
+   gradient once its ratio has left the trust region on the side its advantage pushes towards.
+   eps_high > eps_low is DAPO's clip-higher (Yu et al. 2025): low-probability tokens with A > 0 may grow more.
+   The loss aggregates l_t (`--loss_agg`): per sequence (the GRPO paper: mean over a response's tokens,
+   then over responses), per token (DAPO: sum over all tokens / their count, so long responses weigh
+   more), or by a constant (Dr. GRPO: sum / (responses x the maximum response length), no length bias).
+
+The defaults (mu 1, per-token aggregation, group std, symmetric clip 0.2: TRL's) were measured against the
+other options on this task: at equal numbers of rollouts mu = 2 or 4, the three aggregations, batch std and
+clip-higher all land within a point of each other (the responses are 3-5 tokens long, so the aggregations
+barely differ, and kl_coef sets how far the policy goes), while mu > 1 costs time. Dropping the std
+(--scale_rewards none) loses 15 points at the default kl_coef: a group's r* has a std of about 0.14, so the
+advantages are then about seven times smaller and the same kl_coef holds the policy that much harder.
 """
 import copy
 import dataclasses
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -44,24 +64,53 @@ def gpro_loss(logps, rewards, beta):
     return -(gpro_weights(rewards, beta).detach() * logps).sum(-1).mean()
 
 
-def grpo_advantages(rewards, std_norm=True, eps=1e-4):
-    """Group-normalised advantages (B, K): r - mean(r) over the group, divided by its std if std_norm."""
+def grpo_advantages(rewards, scale="group", eps=1e-4):
+    """Advantages (B, K) from rewards (B, K), one group of K per prompt: r - mean(r) over the group, divided
+    by std + eps of the group (scale="group", the GRPO paper), of the whole batch ("batch"), or not ("none")."""
     centred = rewards - rewards.mean(-1, keepdim=True)
-    return centred / (rewards.std(-1, keepdim=True) + eps) if std_norm else centred
+    if scale == "none":
+        return centred
+    std = rewards.std(-1, keepdim=True) if scale == "group" else rewards.std()
+    return centred / (std + eps)
 
 
-def grpo_loss(logp, old_logp, ref_logp, adv, mask, clip_eps=0.2, beta=0.04, per_token=True):
-    """The GRPO objective as a loss. logp, old_logp, ref_logp, mask: (N, T) per response token
-    (mask 1 on the response and its <eos>); adv: (N,) one advantage per response, shared by its tokens.
-    Per token: -min(rho A, clip(rho, 1-eps, 1+eps) A) + beta (exp(q) - q - 1), q = ref_logp - logp."""
-    rho = torch.exp(logp - old_logp)                                            # importance ratio
-    pg = -torch.min(rho * adv[:, None], rho.clamp(1 - clip_eps, 1 + clip_eps) * adv[:, None])
+def aggregate(per_token, mask, how, max_len=None):
+    """Reduce per-token losses (N, T) over the response tokens (mask (N, T)) to one number: "sequence" (mean over
+    each response's tokens, then over responses), "token" (sum / number of tokens) or "constant" (sum / (N *
+    max_len), max_len the length limit of a response)."""
+    per_token = per_token * mask
+    if how == "sequence":
+        return (per_token.sum(-1) / mask.sum(-1).clamp_min(1)).mean()
+    if how == "token":
+        return per_token.sum() / mask.sum().clamp_min(1)
+    if how == "constant":
+        return per_token.sum() / (mask.shape[0] * max_len)
+    raise ValueError(f"unknown aggregation {how!r}")
+
+
+def grpo_loss(logp, old_logp, ref_logp, adv, mask, clip_eps=0.2, beta=0.04, loss_agg="token", max_len=None,
+              clip_eps_high=None):
+    """The GRPO objective as a loss. logp, old_logp, ref_logp, mask: (N, T) per response token (mask 1 on the
+    sampled response tokens and their <eos>); adv: (N,) one advantage per response, shared by its tokens.
+    Per token: -min(rho A, clip(rho, 1 - clip_eps, 1 + clip_eps_high) A) + beta (exp(q) - q - 1),
+    rho = exp(logp - old_logp), q = ref_logp - logp; clip_eps_high None = clip_eps. Aggregated by aggregate()."""
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    rho, a = torch.exp(logp - old_logp), adv[:, None]                           # importance ratio pi / pi_old
+    pg = -torch.min(rho * a, rho.clamp(1 - clip_eps, 1 + high) * a)
     q = ref_logp - logp
     kl = torch.exp(q) - q - 1                                                   # k3: unbiased, >= 0
-    per = (pg + beta * kl) * mask
-    if per_token:  # every token of the batch counts the same
-        return per.sum() / mask.sum()
-    return (per.sum(-1) / mask.sum(-1)).mean()  # each response counts the same
+    return aggregate(pg + beta * kl, mask, loss_agg, max_len)
+
+
+def clip_fractions(logp, old_logp, adv, mask, clip_eps=0.2, clip_eps_high=None):
+    """The share of response tokens where the clip is active, so that their gradient is zero (TRL's names): low
+    (rho < 1 - eps_low with A < 0), high (rho > 1 + eps_high with A > 0), region (either)."""
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    rho, a = torch.exp(logp - old_logp), adv[:, None]
+    low_clipped, high_clipped = (rho < 1 - clip_eps) & (a < 0), (rho > 1 + high) & (a > 0)
+    frac = lambda x: ((x.float() * mask).sum() / mask.sum().clamp_min(1)).item()  # noqa: E731
+    return {"clip_ratio/low_mean": frac(low_clipped), "clip_ratio/high_mean": frac(high_clipped),
+            "clip_ratio/region_mean": frac(low_clipped | high_clipped)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -76,22 +125,79 @@ class GPROConfig:
     reward: str = arg("true", "true (the task's r*, partial credit) | exact (1 if correct else 0) | "
                               "rm (out_dir/reward.pt, trained by reward.py if missing)")
     online: bool = arg(False, "gpro: sample from the current policy instead of the reference (repeated tilting)")
-    std_norm: bool = arg(True, "grpo: divide the advantages by the group's std")
-    clip_eps: float = arg(0.2, "grpo: ratio clip epsilon")
-    per_token: bool = arg(True, "grpo: average the loss over tokens (else over responses)")
+    mu: int = arg(1, "grpo: optimizer steps on each rollout (GRPO's mu; with 1 the ratio is 1 and nothing is clipped; "
+                     "--max_steps counts optimizer steps, so max_steps / mu rollouts)")
+    clip_eps: float = arg(0.2, "grpo: ratio clip epsilon (the lower one, rho >= 1 - clip_eps, with --clip_eps_high)")
+    clip_eps_high: float = arg(0.0, "grpo: upper clip epsilon, rho <= 1 + clip_eps_high (DAPO's clip-higher, "
+                                    "e.g. 0.28; 0 = clip_eps)")
+    scale_rewards: str = arg("group", "grpo: divide the centred rewards by the std of the group | batch | none")
+    loss_agg: str = arg("token", "grpo: sequence (mean per response, then over responses: GRPO) | token (over all "
+                                 "tokens: DAPO) | constant (sum / (responses x max response length): Dr. GRPO)")
 
     def __post_init__(self):
         gpt.check_choice(self, "algo", ("gpro", "grpo"))
         gpt.check_choice(self, "reward", ("true", "exact", "rm"))
+        gpt.check_choice(self, "scale_rewards", ("group", "batch", "none"))
+        gpt.check_choice(self, "loss_agg", ("sequence", "token", "constant"))
         gpt.check(self.k >= 2 and self.beta > 0 and self.kl_coef >= 0, f"need k >= 2, beta > 0 and kl_coef >= 0, "
                   f"got k={self.k}, beta={self.beta}, kl_coef={self.kl_coef}")
+        gpt.check(self.mu >= 1, f"mu must be >= 1, got {self.mu}")
         gpt.check(0 < self.clip_eps < 1, f"clip_eps must be in (0, 1), got {self.clip_eps}")
+        gpt.check(self.clip_eps_high >= 0, f"clip_eps_high must be >= 0 (0 = clip_eps), got {self.clip_eps_high}")
+
+    @property
+    def eps_high(self):
+        return self.clip_eps_high or self.clip_eps
 
 
 def gpro_defaults():
     return (sft.TaskConfig(), GPROConfig(),
             gpt.TrainConfig(max_steps=300, batch_size=16, lr=5e-4, min_lr=5e-7, warmup_steps=10,
                             eval_interval=100, weight_decay=0.0))
+
+
+@torch.no_grad()
+def grpo_rollout(policy, ref, task, prompts, score, cfg, generator, dtype="auto"):
+    """Step 1 of GRPO's loop: cfg.k responses per prompt sampled from theta_old (the current policy, T = 1), their
+    rewards (B, K) = score(prompts, responses), the advantages, and the old and the reference per-token log-probs
+    in the training precision, so that the first update's ratio is exactly 1. Returns (batch, stats): ids, mask
+    (1 on the sampled tokens, <eos> included where one was sampled), old_logp, ref_logp (N, T), adv (N,)."""
+    device = next(policy.parameters()).device
+    flat = [p for p in prompts for _ in range(cfg.k)]
+    outs = gpt.generate(policy, [sft.prompt_tokens(a, b) for a, b in flat], task.max_response_tokens,
+                        generator=generator)
+    ids, mask = sft.pack_generated(flat, outs, device)
+    with gpt.autocast(device, dtype):
+        old_logp, _ = gpt.sequence_logprobs(policy, ids, mask)
+        ref_logp, _ = gpt.sequence_logprobs(ref, ids, mask)
+    responses = [sft.strip_eos(o) for o in outs]
+    r = score(prompts, [responses[i * cfg.k:(i + 1) * cfg.k] for i in range(len(prompts))])     # (B, K)
+    std = r.std(-1)
+    stats = {"reward": r.mean().item(), "reward_std": std.mean().item(),
+             # groups whose K rewards are all equal: their advantages are 0, they teach nothing
+             "frac_reward_zero_std": torch.isclose(std, torch.zeros_like(std), atol=1e-6).float().mean().item(),
+             "completions/mean_length": mask.sum(1).float().mean().item(),  # tokens, <eos> included
+             "completions/clipped_ratio": sum(gpt.EOS not in o for o in outs) / len(outs)}  # hit the length limit
+    batch = {"ids": ids, "mask": mask.float(), "old_logp": old_logp.float(), "ref_logp": ref_logp.float(),
+             "adv": grpo_advantages(r, cfg.scale_rewards).flatten()}
+    return batch, stats
+
+
+def grpo_update(net, batch, cfg, max_len):
+    """Step 2, one of the mu optimizer steps on a rollout: the GRPO loss and the metrics TRL logs (the clip
+    fractions; kl_k3, the k3 KL to the reference per token)."""
+    logp, _ = gpt.sequence_logprobs(net, batch["ids"], batch["mask"])
+    mask, adv = batch["mask"], batch["adv"]
+    loss = grpo_loss(logp, batch["old_logp"], batch["ref_logp"], adv, mask, cfg.clip_eps, cfg.kl_coef, cfg.loss_agg,
+                     max_len, cfg.eps_high) + gpt.aux_loss(net)
+    with torch.no_grad():
+        q = batch["ref_logp"] - logp
+        kl = ((torch.exp(q) - q - 1) * mask).sum() / mask.sum()
+    return loss, {"tokens": batch["ids"].numel(), "kl_k3": kl.item(),
+                  **clip_fractions(logp.detach(), batch["old_logp"], adv, mask, cfg.clip_eps, cfg.eps_high)}
+
+
+CLIP_KEYS = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean")
 
 
 def train_gpro(task, cfg, train_cfg):
@@ -114,44 +220,87 @@ def train_gpro(task, cfg, train_cfg):
         r = torch.tensor(sft.true_rewards(flat_p, flat_y), device=device).view(-1, cfg.k)
         return (r == 1).float() if cfg.reward == "exact" else r  # r* is 1 exactly when correct
 
+    def evaluate(m):
+        return {**sft.evaluate_policy(m, task), "kl": sft.kl_to_reference(m, ref, task)}
+
+    meta = {"stage": cfg.algo, "config": dataclasses.asdict(policy.cfg), "task": task.identity,
+            "gpro": dataclasses.asdict(cfg), "built_from": {"sft": gpt.provenance(sft_ckpt)}}
+    if cfg.algo == "gpro":
+        result = train_weighted_likelihood(policy, ref, task, cfg, train_cfg, score, evaluate, path, meta)
+    else:
+        result = train_grpo(policy, ref, task, cfg, train_cfg, score, evaluate, path, meta)
+    m = sft.before_after(before, result)
+    if gpt.rank() == 0:
+        strength = f"beta={cfg.beta}" if cfg.algo == "gpro" else f"kl_coef={cfg.kl_coef}, mu={cfg.mu}"
+        rows = [("train seconds", m["train_seconds"])]
+        if cfg.algo == "grpo":
+            rows.insert(0, ("clipped tokens, mean over steps: low / high", f"{m['clip_ratio/low_mean']:.2%} / "
+                                                                          f"{m['clip_ratio/high_mean']:.2%}"))
+        gpt.print_table(f"{cfg.algo.upper()} (K={cfg.k}, {strength}, reward={cfg.reward}) on held-out prompts",
+                        sft.before_after_rows(m) + rows)
+        gpt.write_metrics("gpro", {**m, "algo": cfg.algo}, train_cfg.out_dir)
+    return policy, m
+
+
+def train_weighted_likelihood(policy, ref, task, cfg, train_cfg, score, evaluate, path, meta):
+    """GPRO: gpt.train's plain loop, each batch K draws per prompt from pi_ref (from the policy with --online)."""
+    device = next(policy.parameters()).device
+
     def get_batch(i):
         rng = gpt.step_rng(train_cfg.seed, i)
         prompts = sft.sample_prompts(task, train_cfg.batch_size, rng)
-        sampler = policy if (cfg.algo == "grpo" or cfg.online) else ref  # GPRO: K draws from pi_ref
-        responses = reward.sample_responses(sampler, task, prompts, cfg.k, 1.0, seed=rng.randrange(2 ** 31))
+        responses = reward.sample_responses(policy if cfg.online else ref, task, prompts, cfg.k, 1.0,
+                                            seed=rng.randrange(2 ** 31))
         return prompts, responses, score(prompts, responses)
 
     def loss_fn(net, batch):
         prompts, responses, r = batch
         flat_p = [p for p in prompts for _ in range(cfg.k)]
         ids, target = sft.pack(flat_p, [y for ys in responses for y in ys], device)
-        per_token, logp = gpt.sequence_logprobs(net, ids, target)
-        stats = {"tokens": ids.numel(), "reward": r.mean().item()}
-        if cfg.algo == "gpro":  # entropy of the weights: ln K when uniform, 0 when one sample takes all
-            w = gpro_weights(r, cfg.beta)
-            stats["weight_entropy"] = -(w * w.clamp_min(1e-12).log()).sum(-1).mean().item()
-            return gpro_loss(logp.view(-1, cfg.k), r, cfg.beta) + gpt.aux_loss(policy), stats
-        stats["zero_spread"] = (r.std(-1) == 0).float().mean().item()  # groups that teach nothing
-        with torch.no_grad():
-            ref_tok, _ = gpt.sequence_logprobs(ref, ids, target)
-        # one update per rollout: the old policy is the current one, so the ratio is 1 (with gradient)
-        adv = grpo_advantages(r, cfg.std_norm).flatten()
-        return grpo_loss(per_token, per_token.detach(), ref_tok, adv, target.float(), cfg.clip_eps, cfg.kl_coef,
-                         cfg.per_token) + gpt.aux_loss(policy), stats
+        _, logp = gpt.sequence_logprobs(net, ids, target)
+        w = gpro_weights(r, cfg.beta)  # its entropy: ln K when uniform, 0 when one sample takes all
+        stats = {"tokens": ids.numel(), "reward": r.mean().item(),
+                 "weight_entropy": -(w * w.clamp_min(1e-12).log()).sum(-1).mean().item()}
+        return gpro_loss(logp.view(-1, cfg.k), r, cfg.beta) + gpt.aux_loss(policy), stats
 
-    def evaluate(m):
-        return {**sft.evaluate_policy(m, task), "kl": sft.kl_to_reference(m, ref, task)}
+    return gpt.train(policy, train_cfg, get_batch, loss_fn, evaluate, path, meta, desc="gpro")
 
-    meta = {"stage": cfg.algo, "config": dataclasses.asdict(policy.cfg), "task": task.identity,
-            "gpro": dataclasses.asdict(cfg), "built_from": {"sft": gpt.provenance(sft_ckpt)}}
-    m = sft.before_after(before, gpt.train(policy, train_cfg, get_batch, loss_fn, evaluate, path, meta,
-                                           desc=cfg.algo))
-    if gpt.rank() == 0:
-        strength = f"beta={cfg.beta}" if cfg.algo == "gpro" else f"kl_coef={cfg.kl_coef}"
-        gpt.print_table(f"{cfg.algo.upper()} (K={cfg.k}, {strength}, reward={cfg.reward}) on held-out prompts",
-                        sft.before_after_rows(m) + [("train seconds", m["train_seconds"])])
-        gpt.write_metrics("gpro", {**m, "algo": cfg.algo}, train_cfg.out_dir)
-    return policy, m
+
+def train_grpo(policy, ref, task, cfg, train_cfg, score, evaluate, path, meta):
+    """GRPO's loop (Shao et al. 2024, Algorithm 1) from gpt.Trainer's pieces: each rollout samples a group batch
+    with theta_old and records its log-probs, then mu optimizer steps train on it. Returns the Trainer's figures plus the
+    clip fractions averaged over all optimizer steps."""
+    gpt.check(train_cfg.grad_accum == 1, "GRPO's batch is one rollout: use --batch_size (prompts per rollout), "
+              "not --grad_accum")
+    run = gpt.Trainer(policy, train_cfg, path, meta, desc="grpo")
+    sums = run.state.setdefault("clip_sums", dict.fromkeys(CLIP_KEYS, 0.0))
+    while not run.done:
+        # 1. Rollout number step // mu with theta_old = the current policy
+        rollout, start, t = run.step // cfg.mu, run.step, time.perf_counter()
+        rng = gpt.step_rng(train_cfg.seed, rollout)
+        prompts = sft.sample_prompts(task, train_cfg.batch_size, rng)
+        g = torch.Generator(device=run.device).manual_seed(rng.randrange(2 ** 31))
+        policy.eval()
+        batch, rollout_stats = grpo_rollout(policy, ref, task, prompts, score, cfg, g, train_cfg.dtype)
+        policy.train()
+        run.train_seconds += time.perf_counter() - t  # sampling is training time, as in gpt.train's get_batch
+        # 2. mu optimizer steps on this batch: the ratio pi / pi_old leaves 1 after the first
+        for _ in range(cfg.mu):
+            if run.done:
+                break
+            _, stats = run.optimizer_step(lambda micro: with_stats(
+                grpo_update(run.net, batch, cfg, task.max_response_tokens), rollout_stats))
+            for key in CLIP_KEYS:
+                sums[key] += stats[key]
+        if run.due(since=start):
+            run.validate(evaluate)
+    result = run.finish()
+    return {**result, **{key: sums[key] / max(1, result["steps"]) for key in CLIP_KEYS}}
+
+
+def with_stats(loss_and_stats, extra):
+    loss, stats = loss_and_stats
+    return loss, {**extra, **stats}
 
 
 def main(argv=None):
