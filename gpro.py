@@ -268,8 +268,8 @@ def train_weighted_likelihood(policy, ref, task, cfg, train_cfg, score, evaluate
 
 def train_grpo(policy, ref, task, cfg, train_cfg, score, evaluate, path, meta):
     """GRPO's loop (Shao et al. 2024, Algorithm 1) from gpt.Trainer's pieces: each rollout samples a group batch
-    with theta_old and records its log-probs, then mu optimizer steps train on it. Returns the Trainer's figures plus the
-    clip fractions averaged over all optimizer steps."""
+    with theta_old and records its log-probs, then mu optimizer steps train on it. Returns the Trainer's figures
+    plus the clip fractions averaged over all optimizer steps."""
     gpt.check(train_cfg.grad_accum == 1, "GRPO's batch is one rollout: use --batch_size (prompts per rollout), "
               "not --grad_accum")
     run = gpt.Trainer(policy, train_cfg, path, meta, desc="grpo")
@@ -288,19 +288,14 @@ def train_grpo(policy, ref, task, cfg, train_cfg, score, evaluate, path, meta):
         for _ in range(cfg.mu):
             if run.done:
                 break
-            _, stats = run.optimizer_step(lambda micro: with_stats(
-                grpo_update(run.net, batch, cfg, task.max_response_tokens), rollout_stats))
+            _, stats = run.optimizer_step(lambda micro: grpo_update(run.net, batch, cfg, task.max_response_tokens),
+                                          extra=rollout_stats)
             for key in CLIP_KEYS:
                 sums[key] += stats[key]
         if run.due(since=start):
             run.validate(evaluate)
     result = run.finish()
     return {**result, **{key: sums[key] / max(1, result["steps"]) for key in CLIP_KEYS}}
-
-
-def with_stats(loss_and_stats, extra):
-    loss, stats = loss_and_stats
-    return loss, {**extra, **stats}
 
 
 def main(argv=None):

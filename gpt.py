@@ -1178,11 +1178,11 @@ class Trainer:
         out_of_time = self.cfg.max_seconds and self.train_seconds >= self.cfg.max_seconds
         return self.step >= self.cfg.max_steps or bool(out_of_time)
 
-    def optimizer_step(self, loss_of):
+    def optimizer_step(self, loss_of, extra=None):
         """One optimizer step: loss_of(micro) -> (loss, stats) for micro = 0..grad_accum-1, with the stats
-        floats (averaged for the progress line) and stats[unit] the units that micro-batch processed.
-        The loss is scaled for accumulation and fp16, the gradient all-reduced (DDP) on the last micro-batch
-        and clipped. Returns (loss, stats)."""
+        floats (averaged for the progress line) and stats[unit] the units that micro-batch processed; extra:
+        figures of the batch as a whole (a rollout's) shown before them. The loss is scaled for accumulation
+        and fp16, the gradient all-reduced (DDP) on the last micro-batch and clipped. Returns (loss, stats)."""
         cfg, t = self.cfg, time.perf_counter()
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(self.step, cfg, self.train_seconds) * group["lr_scale"]
@@ -1211,7 +1211,7 @@ class Trainer:
         self.warm += 1
         if self.warm > min(20, cfg.max_steps // 5):  # steady state: after compile, autotuning and warm-up
             self.units, self.unit_seconds = self.units + n, self.unit_seconds + seconds
-        stats = {k: v / cfg.grad_accum for k, v in sums.items()}
+        stats = {**(extra or {}), **{k: v / cfg.grad_accum for k, v in sums.items()}}
         self.history.append(loss_sum)
         postfix = {"loss": f"{loss_sum:.4f}", f"{self.unit}/s": f"{self.rate():,.0f}",
                    **{k: f"{v:.3g}" for k, v in stats.items()}}

@@ -25,7 +25,7 @@ are right, a forgotten carry costs one digit of three) than for the reward model
 beta = 0.2, pi_ref exp(r* / beta) / Z is itself only about 80% correct, and the noise of the sampled
 KL_t, beta (k1 - exact), weighs as much in the advantages as r*'s spread once the policy has moved.
 
-Why the defaults (measured on the held-out prompts, see the README): with Adam every step moves each
+Why the defaults (measured on the held-out prompts, RESULTS.md): with Adam every step moves each
 weight by about lr whatever the gradient's scale, and the first step after each rollout has ratio 1,
 where the clip cannot act, so lr sets how far the policy moves per rollout. At 3e-3 the KL to the
 reference overshoots to several nats in the first rollouts, the noise of KL_t then outweighs R in the
@@ -426,8 +426,8 @@ def train_ppo(task, cfg, train_cfg):
             for part in range(cfg.minibatches):
                 if run.done:
                     break
-                run.optimizer_step(lambda micro: with_stats(
-                    ppo_loss(run.net, batch, resp & (part_of == part), cfg, run.state["beta"]), rollout_stats))
+                run.optimizer_step(lambda micro: ppo_loss(run.net, batch, resp & (part_of == part), cfg,
+                                                          run.state["beta"]), extra=rollout_stats)
         if run.due(since=start):
             run.validate(lambda m: heldout(m.policy))
     m = sft.before_after(before, run.finish())
@@ -456,11 +456,6 @@ def minibatch_parts(resp, n, by, generator):
 def random_generator(rng):
     """A torch CPU generator seeded from the Python stream rng."""
     return torch.Generator().manual_seed(rng.randrange(2 ** 31))
-
-
-def with_stats(loss_and_stats, extra):
-    loss, stats = loss_and_stats
-    return loss, {**extra, **stats}
 
 
 def main(argv=None):
