@@ -594,7 +594,7 @@ def sft_defaults():
                                                       warmup_steps=50, eval_interval=1000, weight_decay=0.0)
 
 
-LEARNT = 0.5  # greedy held-out accuracy below which the fine-tuned model has not learnt the task
+LEARNT = 0.85  # greedy held-out accuracy below which the model is short of its plateau (past it: 93-98%)
 
 
 def train_sft(task, sft_cfg, train_cfg):
@@ -627,8 +627,8 @@ def train_sft(task, sft_cfg, train_cfg):
     (a, b), = sample_prompts(task, 1, random.Random(1), heldout=True)
     out = gpt.generate(model, [prompt_tokens(a, b)], task.max_response_tokens, temperature=0)[0]
     print(f"\nsample: {prompt_text(a, b)} -> {response_text(out)} (correct: {answer(a, b)})")
-    if m["accuracy"] < LEARNT:
-        print(f"\nwarning: the fine-tuned model has not learnt the task ({m['accuracy']:.1%} greedy held-out "
+    if m["accuracy"] < LEARNT:  # the transition came late or not at all (RESULTS.md): a second run gets past it
+        print(f"\nwarning: the fine-tuned model has not learnt the task fully ({m['accuracy']:.1%} greedy held-out "
               f"accuracy, below {LEARNT:.0%}); the alignment stages would start from it. Train it further: "
               f"python sft.py --init {m['checkpoint']} --overwrite --out_dir {train_cfg.out_dir}")
     gpt.write_metrics("sft", m, train_cfg.out_dir)
