@@ -29,7 +29,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from gpt import TrainConfig, UserError, arg, parse_args, print_table, run_main, step_generator, train, write_metrics
+from gpt import (TrainConfig, UserError, arg, claim_out_dir, parse_args, print_table, run_main, step_generator, train,
+                 write_metrics)
 
 MC_TOL = 4.0  # Monte-Carlo checks pass within this many standard errors
 
@@ -496,6 +497,7 @@ def save_plot(panels, path):
 
 def main(argv=None):
     (cfg,) = parse_args([DiffusionConfig()], argv, description=__doc__.split("\n")[1])
+    claim_out_dir(cfg.out_dir)  # before the work: the metrics (and the plot) at the end must have somewhere to go
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
     rows = ve_rows(cfg, rng) + learned_rows(cfg, rng) + vp_rows(cfg, rng) + moons_rows(cfg, rng)

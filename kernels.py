@@ -919,9 +919,25 @@ def parse_config(argv=None):
         kind = dict(action=argparse.BooleanOptionalAction) if f.type in (bool, "bool") else dict(type=type(f.default))
         parser.add_argument(f"--{f.name}", default=f.default, help=f.metadata.get("help", ""), **kind)
     try:
-        return KernelsConfig(**vars(parser.parse_args(argv)))
+        cfg = KernelsConfig(**vars(parser.parse_args(argv)))
+        usable_out_dir(cfg.out_dir)
+        return cfg
     except ValueError as e:
         parser.error(str(e))
+
+
+def usable_out_dir(out_dir):
+    """Before any work: out_dir is a directory (made if missing) that takes files, so that the metrics written
+    at the end of a long check are not lost."""
+    if os.path.isfile(out_dir):
+        raise ValueError(f"--out_dir {out_dir} is a file: give a directory")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        probe = os.path.join(out_dir, f".probe.{os.getpid()}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"--out_dir {out_dir} is not writable ({e.strerror}): give another --out_dir") from None
 
 
 def print_table(title, rows):

@@ -3088,6 +3088,15 @@ def test_an_unusable_output_directory_is_one_line_at_start_up(tmp_path, corpus, 
     assert "pretrain:" not in r.stdout + r.stderr  # before any training
 
 
+@pytest.mark.parametrize("script", [["diffusion_toy.py"], ["kernels.py", "--fp8"]])
+def test_the_check_scripts_refuse_an_unusable_output_directory_at_start_up(tmp_path, script):
+    out = tmp_path / "file"
+    out.write_text("")
+    r = run_script([*script, "--out_dir", str(out)], cwd=tmp_path)
+    assert_one_error_line(r.returncode, r.stderr, 2, ["--out_dir", "is a file"])
+    assert "theory" not in r.stdout and "e4m3" not in r.stdout  # before any work
+
+
 def test_two_runs_on_one_out_dir_and_ctrl_c(tmp_path, corpus):
     """The second run on an out_dir in use stops at once (a lock); Ctrl-C says where the first stopped and what
     is kept, exits 130, and the kept checkpoint loads."""
