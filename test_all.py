@@ -30,6 +30,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -3104,7 +3105,9 @@ def test_two_runs_on_one_out_dir_and_ctrl_c(tmp_path, corpus):
     first = subprocess.Popen([sys.executable, os.path.join(HERE, "gpt.py"), "--data", corpus, "--out_dir", str(out),
                               *TINY_FLAGS, "--max_steps", "100000", "--eval_interval", "5"], cwd=tmp_path,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+                             env={**os.environ, "OMP_NUM_THREADS": "1"},
+                             # a shell's background job ignores SIGINT, and Python keeps an ignored SIGINT ignored
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         for _ in range(600):  # until the first checkpoint exists
             if (out / "gpt.pt").exists() or first.poll() is not None:
