@@ -340,7 +340,7 @@ def ppo_loss(net, batch, mask, cfg, beta):
 
 def ppo_defaults():
     # batch_size: prompts per rollout; each rollout gives epochs * minibatches optimizer steps. 300 rollouts
-    # (1200 steps) train in 60-75 s on two idle cores: 1600 steps took 80-97 s for at most a point more (RESULTS.md)
+    # (1200 steps) train in 71-75 s on two idle cores; 1600 steps took 80-97 s for about a point more (RESULTS.md)
     return (sft.TaskConfig(), PPOConfig(),
             gpt.TrainConfig(max_steps=1200, batch_size=64, lr=3e-4, min_lr=3e-5, warmup_steps=10,
                             eval_interval=400, weight_decay=0.0))
