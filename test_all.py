@@ -2316,7 +2316,7 @@ def test_rollout_with_normalised_rewards_and_several_samples_per_prompt():
 @pytest.mark.parametrize("flags", [[], ["--reward", "true", "--kl_mode", "loss", "--kl_estimator", "k3", "--kl_target",
                                         "0.5", "--c_e", "0.01", "--value_clip", "0.2", "--reward_norm", "running",
                                         "--samples_per_prompt", "2", "--minibatch", "sequences"],
-                                   ["--reward_norm", "batch", "--kl_estimator", "exact", "--reward", "true"]])
+                                   ["--reward_norm", "batch", "--kl_estimator", "k1", "--reward", "true"]])
 def test_ppo_main_end_to_end(tmp_path, fine_tuned, reward_trained, flags):
     out = stage_dir(tmp_path, fine_tuned[1] / "sft.pt", reward_trained[1] / "reward.pt")
     r = run_script(["ppo.py", "--out_dir", str(out), "--max_steps", "4", "--eval_interval", "4", "--batch_size", "4",
