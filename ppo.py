@@ -26,17 +26,18 @@ are right, a forgotten carry costs one digit of three) than for the reward model
 beta = 0.2, pi_ref exp(r* / beta) / Z is itself only about 80% correct, and the noise of the sampled
 KL_t, beta (k1 - exact), weighs as much in the advantages as r*'s spread once the policy has moved.
 
-Why the defaults (measured on the held-out prompts, RESULTS.md): with Adam every step moves each
-weight by about lr whatever the gradient's scale, and the first step after each rollout has ratio 1,
-where the clip cannot act, so lr sets how far the policy moves per rollout. At 3e-3 the KL to the
-reference overshoots to several nats in the first rollouts, the noise of KL_t then outweighs R in the
-advantages, and the gain is lost; 3e-4 does not. The exact KL_t has no sampling noise, and its gradient
-holds the policy near the reference when a step is too large: at three times the default lr, from the
-weakest of three SFT and reward models, k1 drifted to 16 nats of KL and 10% accuracy, exact to 3 nats and
-back to 73%; at the default the two tie (RESULTS.md). Minibatches are whole responses:
-a token-step minibatch needs the whole of every response it touches in the forward pass, so on a
-transformer each of them costs a full pass over the rollout. Two epochs of two minibatches give four
-steps per rollout for the price of two passes, and the clip acts on the last three.
+Why the defaults (measured on the held-out prompts, RESULTS.md): with Adam every step moves each weight
+by about lr whatever the gradient's scale, and the first step after each rollout has ratio 1, where the
+clip cannot act, so lr sets how far the policy moves per rollout. At 3e-3 the KL to the reference
+overshoots to several nats in the first rollouts, the noise of KL_t then outweighs R in the advantages,
+and the gain is lost; 3e-4 does not. The exact KL_t has no sampling noise, and its gradient holds the
+policy near the reference when a step is too large: at three times the default lr, from the weakest of
+three SFT and reward models, k1 drifted to 16 nats of KL and 10% accuracy, exact to 3 nats and back to
+73%; at the default lr k1 is a few points higher with the reward model and level with r* (RESULTS.md).
+Minibatches are whole responses: a token-step minibatch needs the whole of every response it touches in
+the forward pass, so on a transformer each of them costs a full pass over the rollout. Two epochs of two
+minibatches give four steps per rollout for the price of two passes, and the clip acts on the last
+three.
 
 The critic is a separate transformer initialised from the reward model's trunk, as in InstructGPT:
 the value loss then cannot pull on the policy's features, and that trunk already reads what decides
@@ -344,7 +345,7 @@ def ppo_loss(net, batch, mask, cfg, beta):
 
 def ppo_defaults():
     # batch_size: prompts per rollout; each rollout gives epochs * minibatches optimizer steps. 300 rollouts
-    # (1200 steps) train in 71-75 s on two idle cores; 1600 steps took 80-97 s for about a point more (RESULTS.md)
+    # (1200 steps) train in 63-75 s on two idle cores; 1600 steps took 80-97 s for about a point more (RESULTS.md)
     return (sft.TaskConfig(), PPOConfig(),
             gpt.TrainConfig(max_steps=1200, batch_size=64, lr=3e-4, min_lr=3e-5, warmup_steps=10,
                             eval_interval=400, weight_decay=0.0))
