@@ -38,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from kernels import attention, causal_mask
+from kernels import attention, causal_mask, finite_or_none, print_table  # the last two: every script's table and JSON
 
 
 class UserError(ValueError):
@@ -779,23 +779,6 @@ def step_rng(seed, step):
 
 def step_generator(seed, step, device="cpu"):
     return torch.Generator(device=device).manual_seed(step_seed(seed, step))
-
-
-def print_table(title, rows):
-    """rows: list of (name, value) pairs."""
-    width = max(len(k) for k, _ in rows)
-    print(f"\n{title}")
-    for k, v in rows:
-        print(f"  {k:<{width}}  {f'{v:.4g}' if isinstance(v, float) else v}")
-
-
-def finite_or_none(x):
-    """Strict JSON: NaN and infinities become null, in nested dicts and lists too."""
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {k: finite_or_none(v) for k, v in x.items()}
-    return [finite_or_none(v) for v in x] if isinstance(x, (list, tuple)) else x
 
 
 def write_metrics(stage, metrics, out_dir):

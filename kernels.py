@@ -941,28 +941,29 @@ def usable_out_dir(out_dir):
 
 
 def print_table(title, rows):
-    """rows: (name, value) pairs, one per line under the title."""
+    """rows: (name, value) pairs, one per line under the title (every script's final table)."""
     width = max(len(k) for k, _ in rows)
     print(f"\n{title}")
     for k, v in rows:
         print(f"  {k:<{width}}  {f'{v:.4g}' if isinstance(v, float) else v}")
 
 
-def _json_safe(x):
-    """NaN and infinities become null: JSON has no such numbers (json.dumps would write bare NaN)."""
+def finite_or_none(x):
+    """Strict JSON: NaN and infinities become null, in nested dicts and lists too (json.dumps would write bare
+    NaN). gpt.py's metrics use it too."""
     if isinstance(x, float) and not math.isfinite(x):
         return None
     if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
+        return {k: finite_or_none(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
+        return [finite_or_none(v) for v in x]
     return x
 
 
 def write_metrics(stage, metrics, out_dir):
     """One JSON line on stdout and out_dir/<stage>_metrics.json, written to a file unique to this
     process and renamed, so a reader never sees half a file."""
-    line = json.dumps(_json_safe({"stage": stage, **metrics}), allow_nan=False)
+    line = json.dumps(finite_or_none({"stage": stage, **metrics}), allow_nan=False)
     print(line)
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"{stage}_metrics.json")
