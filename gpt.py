@@ -38,7 +38,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from kernels import attention, causal_mask, finite_or_none, print_table  # the last two: every script's table and JSON
+# the bottom layer also holds what every script's output needs: its table, its JSON line, atomic files
+from kernels import atomic_write, attention, causal_mask, finite_or_none, print_table, remove_quietly, write_metrics
 
 
 class UserError(ValueError):
@@ -781,14 +782,6 @@ def step_generator(seed, step, device="cpu"):
     return torch.Generator(device=device).manual_seed(step_seed(seed, step))
 
 
-def write_metrics(stage, metrics, out_dir):
-    """One JSON line on stdout and out_dir/<stage>_metrics.json (written atomically)."""
-    line = json.dumps({"stage": stage, **finite_or_none(metrics)}, allow_nan=False)
-    print(line)
-    path = os.path.join(out_dir, f"{stage}_metrics.json")
-    atomic_write(path, lambda tmp: open(tmp, "w").write(line + "\n"))
-
-
 class Progress:
     """The progress of a long loop: a bar on a terminal; when stderr is a log (a file, CI, nohup), a plain
     line every `every` seconds instead of redrawn frames."""
@@ -815,23 +808,6 @@ class Progress:
 
     def close(self):
         self.bar.close()
-
-
-def atomic_write(path, write):
-    """write(tmp) into a temporary file unique to this process, then rename it to path: a crash or a full
-    disk never leaves a half-written file, and the temporary file is removed on failure."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        remove_quietly(tmp)
-        raise
-
-
-def remove_quietly(path):
-    with contextlib.suppress(OSError):
-        os.remove(path)
 
 
 def save_checkpoint(path, **state):

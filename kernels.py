@@ -961,16 +961,28 @@ def finite_or_none(x):
 
 
 def write_metrics(stage, metrics, out_dir):
-    """One JSON line on stdout and out_dir/<stage>_metrics.json, written to a file unique to this
-    process and renamed, so a reader never sees half a file."""
+    """One JSON line on stdout and out_dir/<stage>_metrics.json, written atomically (every script's metrics)."""
     line = json.dumps(finite_or_none({"stage": stage, **metrics}), allow_nan=False)
     print(line)
     os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, f"{stage}_metrics.json")
+    atomic_write(os.path.join(out_dir, f"{stage}_metrics.json"), lambda tmp: open(tmp, "w").write(line + "\n"))
+
+
+def atomic_write(path, write):
+    """write(tmp) into a temporary file unique to this process, then rename it to path: a crash or a full
+    disk never leaves a half-written file, and the temporary file is removed on failure."""
     tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        f.write(line + "\n")
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        remove_quietly(tmp)
+        raise
+
+
+def remove_quietly(path):
+    with contextlib.suppress(OSError):
+        os.remove(path)
 
 
 def rel_err(a, b):
