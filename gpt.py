@@ -623,12 +623,10 @@ def left_pad(sequences, pad=PAD, device="cpu"):
 
 
 @torch.no_grad()
-def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, eos=EOS,
-             generator=None, use_cache=True):
+def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, eos=EOS, generator=None):
     """Continue each prompt (a list of token-id lists, any lengths) for up to max_new_tokens.
     Prefill all prompts in one forward (left padded), then decode one token per step through the KV
-    cache; a sequence stops at its first EOS. Returns the new tokens of each prompt (EOS included).
-    use_cache=False recomputes the whole sequence every step (what the tests compare the cache with)."""
+    cache; a sequence stops at its first EOS. Returns the new tokens of each prompt (EOS included)."""
     check(prompts and all(len(p) for p in prompts), "every prompt needs at least one token (start it with BOS)")
     check(isinstance(max_new_tokens, int) and max_new_tokens >= 0, f"max_new_tokens must be an integer >= 0, "
           f"got {max_new_tokens}")
@@ -645,16 +643,11 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0
     B = ids.shape[0]
     out = torch.full((B, max_new_tokens), PAD, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    cache = KVCache(model, B, longest + max_new_tokens, device, autocast_dtype(device)) if use_cache else None
+    cache = KVCache(model, B, longest + max_new_tokens, device, autocast_dtype(device))
     for t in range(max_new_tokens):
-        with autocast(device):
-            if cache is not None:
-                logits = model(ids if t == 0 else out[:, t - 1:t], attn_mask=mask if t == 0 else None,
-                               cache=cache, last_only=True)
-            else:
-                full = torch.cat([ids, out[:, :t]], 1)
-                full_mask = torch.cat([mask, torch.ones_like(out[:, :t])], 1)
-                logits = model(full, attn_mask=full_mask, last_only=True)
+        with autocast(device):  # the prefill is the whole prompt, then each step feeds the last new token
+            logits = model(ids if t == 0 else out[:, t - 1:t], attn_mask=mask if t == 0 else None, cache=cache,
+                           last_only=True)
         nxt = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
         out[:, t] = torch.where(done, PAD, nxt)
         done |= nxt == eos

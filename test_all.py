@@ -531,12 +531,25 @@ def test_logit_scale_makes_the_output_variance_independent_of_width():
 # ---------------------------------------------------------------------------------------------
 # KV cache and generation (notes 4.3, 10.5)
 
+@torch.no_grad()
+def sample_by_recomputation(model, prompts, n, seed):
+    """n sampled tokens per prompt, each step's logits from the full forward over each sequence alone
+    (no cache, no padding, no batch), drawn by sample_next from a generator seeded as generate()'s."""
+    seqs, g = [list(p) for p in prompts], torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        logits = torch.cat([model(torch.tensor([s]))[:, -1] for s in seqs])            # (B, vocab)
+        for s, t in zip(seqs, gpt.sample_next(logits, generator=g).tolist()):
+            s.append(t)
+    return [s[len(p):] for s, p in zip(seqs, prompts)]
+
+
 def assert_cache_equals_full_forward(model, prompts):
-    """Greedy generate() with the cache gives the tokens of recomputing the full forward, and prefill +
-    decode through the cache give its logits at every position (left padding included)."""
-    fast = generate(model, prompts, 12, temperature=0, eos=-1)
-    slow = generate(model, prompts, 12, temperature=0, eos=-1, use_cache=False)
-    assert fast == slow and all(len(f) == 12 for f in fast)
+    """generate() (batched, left padded, through the cache) samples the tokens of recomputing the full
+    forward of each prompt alone with the same random draws, and prefill + decode through the cache give
+    the logits of the full forward at every position (left padding included). Sampled, not greedy: a
+    random model's greedy continuation is one token repeated, which would not show a wrong token fed back."""
+    fast = generate(model, prompts, 12, eos=-1, generator=torch.Generator().manual_seed(0))
+    assert fast == sample_by_recomputation(model, prompts, 12, seed=0)
     full = [p + f for p, f in zip(prompts, fast)]
     ids, mask = left_pad(full)
     want = model(ids, attn_mask=mask)
@@ -589,9 +602,7 @@ class NextTokenRule(torch.nn.Module):
 
 def test_generate_stops_each_sequence_at_eos():
     prompts = [[BOS, ord("a")], [BOS, ord("b"), ord("c")], [BOS]]
-    for use_cache in (True, False):
-        out = generate(NextTokenRule(), prompts, 5, temperature=0, use_cache=use_cache)
-        assert out == [[EOS], [ord("a"), EOS], [ord("a"), EOS]]
+    assert generate(NextTokenRule(), prompts, 5, temperature=0) == [[EOS], [ord("a"), EOS], [ord("a"), EOS]]
     no_eos = generate(NextTokenRule(), prompts, 5, temperature=0, eos=-1)
     assert no_eos[1] == [ord("a"), EOS] + [ord("a"), EOS, ord("a")]
 
