@@ -688,6 +688,17 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UserError(f"{message} (see --help)")
 
 
+def finite_float(text):
+    """A float flag's value, finite: no setting has a meaning at inf or nan (a limit is switched off with 0)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
 def parse_args(defaults, argv=None, description=None):
     """Expose every field of the given dataclass instances as --flags (the instances give the defaults).
     Returns new instances, every value validated by its dataclass: a bad one is a UserError naming it."""
@@ -696,7 +707,8 @@ def parse_args(defaults, argv=None, description=None):
         group = parser.add_argument_group(type(obj).__name__)
         for f in dataclasses.fields(obj):
             value = getattr(obj, f.name)
-            kind = dict(action=argparse.BooleanOptionalAction) if isinstance(value, bool) else dict(type=type(value))
+            kind = dict(action=argparse.BooleanOptionalAction) if isinstance(value, bool) else dict(
+                type=finite_float if isinstance(value, float) else type(value))
             group.add_argument(f"--{f.name}", default=value, help=f.metadata.get("help", ""), **kind)
     ns = vars(parser.parse_args(argv))
     return [dataclasses.replace(obj, **{f.name: ns[f.name] for f in dataclasses.fields(obj)}) for obj in defaults]
