@@ -356,6 +356,9 @@ def train_ppo(task, cfg, train_cfg):
     minibatches of token steps or of responses), the before/after table and out_dir/ppo_metrics.json.
     Returns (policy, metrics)."""
     gpt.check(train_cfg.grad_accum == 1, "PPO's minibatches are its accumulation: use --minibatches, not --grad_accum")
+    n = train_cfg.batch_size * cfg.samples_per_prompt
+    gpt.check(cfg.minibatches <= n, f"--minibatches {cfg.minibatches} is more than the {n} responses of a rollout "
+              "(batch_size x samples_per_prompt), so some minibatches would be empty: use fewer")
     device = gpt.pick_device(train_cfg.device)
     path = os.path.join(train_cfg.out_dir, "ppo.pt")
     gpt.claim_checkpoint(path, train_cfg)

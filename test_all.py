@@ -3013,7 +3013,7 @@ def main_in_process(module, argv, capsys):
     (gpt, ["--lr", "abc"], ["--lr", "not a finite number"]), (gpt, ["--rope_theta", "nan"], ["--rope_theta", "finite"]),
     (dpo, ["--beta", "inf"], ["--beta", "not a finite number"]), (ppo, ["--max_seconds", "inf"], ["finite"]), (gpt, ["--resume", "--overwrite"], ["choose one"]),
     (ppo, ["--top_p", "0"], ["top_p", "(0, 1]"]), (ppo, ["--top_k", "-1"], ["top_k"]),
-    (ppo, ["--temperature", "0"], ["temperature > 0"]), (sft, ["--heldout", "10000000"], ["heldout", "50626 pairs"]),
+    (ppo, ["--temperature", "0"], ["temperature > 0"]), (ppo, ["--minibatches", "65"], ["--minibatches", "empty"]), (sft, ["--heldout", "10000000"], ["heldout", "50626 pairs"]),
     (sft, ["--init", "/no/such.pt"], ["--init"]), (sft, ["--qlora"], ["--lora_rank"]),
     (reward, ["--tau", "0"], ["tau"]), (dpo, ["--beta", "0"], ["beta"]), (gpro, ["--k", "1"], ["k >= 2"]),
 ])
