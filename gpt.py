@@ -721,7 +721,8 @@ def rank():
 
 def run_main(main):
     """Run a script's main: a UserError becomes one line 'error: ...' and exit status 2, Ctrl-C one line
-    saying what is kept and exit status 130; under torchrun only rank 0 prints."""
+    saying what is kept and exit status 130 (under torchrun only rank 0 prints those), running out of memory
+    one line with what to lower and what is kept, and exit status 1."""
     try:
         main()
     except UserError as e:
@@ -736,6 +737,13 @@ def run_main(main):
             print(f"\ninterrupted: {Trainer.active.interrupted() if Trainer.active else 'nothing was trained'}",
                   file=sys.stderr)
         sys.exit(130)
+    except (MemoryError, RuntimeError) as e:  # a GPU's is a torch.OutOfMemoryError, the CPU allocator's a RuntimeError
+        if not isinstance(e, (MemoryError, torch.OutOfMemoryError)) and "can't allocate memory" not in str(e):
+            raise
+        where = "GPU" if isinstance(e, torch.OutOfMemoryError) else "CPU"
+        print(f"error: out of {where} memory: lower --batch_size (or the model's size); "
+              f"{Trainer.active.kept() if Trainer.active else 'nothing was trained'}", file=sys.stderr)
+        sys.exit(1)
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

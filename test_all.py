@@ -3136,6 +3136,41 @@ def test_two_runs_on_one_out_dir_and_ctrl_c(tmp_path, corpus):
     assert not list(out.glob("*.tmp"))
 
 
+def test_running_out_of_memory_is_one_line_with_what_to_lower_and_what_is_kept(tmp_path, corpus, capsys,
+                                                                               monkeypatch):
+    """A GPU's out-of-memory error at step 3, after the checkpoint of step 2: one line and exit status 1; the
+    CPU allocator's failure (a RuntimeError) too; any other RuntimeError stays a traceback (a bug)."""
+    monkeypatch.setattr(gpt.Trainer, "active", None)
+    calls, real_loss = [], gpt.lm_loss
+
+    def lm_loss(logits, targets):  # called once per training step and eval_batches = 2 times per validation
+        calls.append(1)
+        if len(calls) == 5:  # steps 1 and 2, validation at step 2, then step 3
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real_loss(logits, targets)
+
+    monkeypatch.setattr(gpt, "lm_loss", lm_loss)
+    code, err = main_in_process(gpt, ["--data", corpus, "--out_dir", str(tmp_path / "out"), *TINY_FLAGS,
+                                      "--max_steps", "100"], capsys)
+    assert_one_error_line(code, err, 1, ["out of GPU memory", "--batch_size", "from step 2 is kept", "--resume"])
+    assert gpt.load_checkpoint(str(tmp_path / "out" / "gpt.pt"))["step"] == 2
+    monkeypatch.setattr(gpt.Trainer, "active", None)
+
+    class Allocates:
+        @staticmethod
+        def main(argv):
+            torch.empty(10 ** 13)  # 40 TB
+
+    code, err = main_in_process(Allocates, [], capsys)
+    assert_one_error_line(code, err, 1, ["out of CPU memory", "--batch_size", "nothing was trained"])
+
+    def bug():
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    with pytest.raises(RuntimeError, match="shapes"):
+        gpt.run_main(bug)
+
+
 def test_progress_in_a_log_is_plain_lines(tmp_path, corpus):
     r = run_script(["gpt.py", "--data", corpus, "--out_dir", str(tmp_path / "out"), *TINY_FLAGS, "--max_steps", "200",
                     "--eval_interval", "100"], cwd=tmp_path)  # stderr is a pipe here, not a terminal
