@@ -1106,7 +1106,8 @@ class Trainer:
         self.model = model.to(self.device)
         self.optimizer = make_optimizer(groups or [(model, 1.0)], cfg, self.device)
         self.dtype = autocast_dtype(self.device, cfg.dtype)
-        self.scaler = torch.amp.GradScaler(enabled=self.dtype == torch.float16)
+        # fp16 needs loss scaling (notes 7; Micikevicius et al. 2018), on whichever device it runs
+        self.scaler = torch.amp.GradScaler(torch.device(self.device).type, enabled=self.dtype == torch.float16)
         self.ckpt_path, self.meta, self.saved = ckpt_path, meta or {}, saved or {"model": model}
         self.step, self.saved_step, self.train_seconds, self.state, self.metrics = 0, None, 0.0, {}, {}
         if ckpt_path:

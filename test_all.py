@@ -773,6 +773,22 @@ def test_optimizer_groups_scale_the_schedule_and_decay_only_matrices(tmp_path):
     run.finish()
 
 
+def test_float16_scales_the_loss_on_its_own_device_and_skips_an_overflowing_step():
+    """--dtype float16 (GPUs without bf16; the CPU here): the loss is multiplied by the scaler's 2^16 (notes 7;
+    Micikevicius et al. 2018); a step whose scaled fp16 gradient overflows leaves the weights as they were and
+    halves the scale, and the next step applies."""
+    lin = nn.Linear(4, 1)
+    cfg = TrainConfig(dtype="float16", device="cpu", max_steps=10, warmup_steps=0, grad_clip=0.0, weight_decay=0.0)
+    run = gpt.Trainer(lin, cfg)
+    assert run.scaler.is_enabled() and run.scaler.get_scale() == 2.0 ** 16
+    before = lin.weight.detach().clone()
+    run.optimizer_step(lambda micro: (lin(torch.full((1, 4), 1000.0)).sum(), {}))  # gradient 1000 * 2^16 > 65504
+    assert torch.equal(lin.weight, before) and run.scaler.get_scale() == 2.0 ** 15
+    run.optimizer_step(lambda micro: (lin(torch.ones(1, 4)).sum(), {}))
+    assert not torch.equal(lin.weight, before) and run.scaler.get_scale() == 2.0 ** 15
+    run.finish()
+
+
 def test_a_data_file_too_small_for_the_context_is_a_clear_error(tmp_path):
     (tmp_path / "small.txt").write_text("hello")
     r = run_script(["gpt.py", "--data", str(tmp_path / "small.txt"), "--out_dir", str(tmp_path), *CPU], cwd=tmp_path)
