@@ -263,7 +263,7 @@ def train_weighted_likelihood(policy, ref, task, cfg, train_cfg, score, evaluate
                  "weight_entropy": -(w * w.clamp_min(1e-12).log()).sum(-1).mean().item()}
         return gpro_loss(logp.view(-1, cfg.k), r, cfg.beta) + gpt.aux_loss(policy), stats
 
-    return gpt.train(policy, train_cfg, get_batch, loss_fn, evaluate, path, meta, desc="gpro")
+    return gpt.train(policy, train_cfg, get_batch, loss_fn, evaluate, path, meta, desc="gpro", train_mode=False)
 
 
 def train_grpo(policy, ref, task, cfg, train_cfg, score, evaluate, path, meta):
@@ -272,7 +272,7 @@ def train_grpo(policy, ref, task, cfg, train_cfg, score, evaluate, path, meta):
     plus the clip fractions averaged over all optimizer steps."""
     gpt.check(train_cfg.grad_accum == 1, "GRPO's batch is one rollout: use --batch_size (prompts per rollout), "
               "not --grad_accum")
-    run = gpt.Trainer(policy, train_cfg, path, meta, desc="grpo")
+    run = gpt.Trainer(policy, train_cfg, path, meta, desc="grpo", train_mode=False)  # trains as it samples
     sums = run.state.setdefault("clip_sums", dict.fromkeys(CLIP_KEYS, 0.0))
     while not run.done:
         # 1. Rollout number step // mu with theta_old = the current policy
@@ -280,9 +280,7 @@ def train_grpo(policy, ref, task, cfg, train_cfg, score, evaluate, path, meta):
         rng = gpt.step_rng(train_cfg.seed, rollout)
         prompts = sft.sample_prompts(task, train_cfg.batch_size, rng)
         g = torch.Generator(device=run.device).manual_seed(rng.randrange(2 ** 31))
-        policy.eval()
         batch, rollout_stats = grpo_rollout(policy, ref, task, prompts, score, cfg, g, train_cfg.dtype)
-        policy.train()
         run.train_seconds += time.perf_counter() - t  # sampling is training time, as in gpt.train's get_batch
         # 2. mu optimizer steps on this batch: the ratio pi / pi_old leaves 1 after the first
         for _ in range(cfg.mu):

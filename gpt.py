@@ -1093,12 +1093,15 @@ class Trainer:
     (the stage's identity: its config, the configs of what it was built from), the optimizer, the step,
     `state` (whatever else the stage's loop needs to resume) and whether the run finished. `unit` names
     what the loss functions count in their stats (tokens, samples): its rate is the throughput, measured
-    after the first steps (compile and warm-up), and with flops_per_unit on a GPU the MFU."""
+    after the first steps (compile and warm-up), and with flops_per_unit on a GPU the MFU. train_mode=False
+    keeps the model in eval mode while it trains (the gradients are the same): no dropout and no MoE capacity,
+    so the policy that is scored is the one that generate() sampled (the alignment stages, as TRL's
+    disable_dropout)."""
 
     active = None  # the run in progress, for run_main's Ctrl-C line
 
     def __init__(self, model, cfg, ckpt_path=None, meta=None, groups=None, saved=None, unit="tokens",
-                 flops_per_unit=0, desc="train"):
+                 flops_per_unit=0, desc="train", train_mode=True):
         self.cfg, self.desc, self.unit, self.flops_per_unit = cfg, desc, unit, flops_per_unit
         self.procs = Processes(pick_device(cfg.device))
         self.device = self.procs.device
@@ -1127,7 +1130,8 @@ class Trainer:
         self.history, self.warm, self.units, self.unit_seconds = [], 0, 0, 0.0
         self.t0 = time.perf_counter()
         self.bar = Progress(cfg.max_steps, desc, initial=self.step, enabled=self.procs.master)
-        model.train()
+        self.train_mode = train_mode
+        model.train(train_mode)
         Trainer.active = self
 
     def resume(self):
@@ -1214,7 +1218,7 @@ class Trainer:
             self.model.eval()
             with torch.no_grad(), autocast(self.device, self.cfg.dtype):
                 metrics = evaluate(self.model)
-            self.model.train()
+            self.model.train(self.train_mode)
             bad = [k for k, v in metrics.items() if k.endswith("loss") and not math.isfinite(v)]
             check(not bad, f"validation {bad and bad[0]} became {bad and metrics[bad[0]]} at step {self.step}: "
                   f"lower --lr (now {self.cfg.lr}) or use --dtype float32; {self.kept()}")

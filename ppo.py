@@ -398,8 +398,9 @@ def train_ppo(task, cfg, train_cfg):
         critic.head.bias.fill_(ref_moments.mean if cfg.reward_norm == "none" else 0.0)
     meta = {"stage": "ppo", "config": dataclasses.asdict(policy.cfg), "task": task.identity,
             "ppo": dataclasses.asdict(cfg), "built_from": {"sft": gpt.provenance(sft_ckpt)}}
+    # train_mode=False: the policy trains as it samples (no dropout, no MoE capacity), so the first ratio is 1
     run = gpt.Trainer(model, train_cfg, path, meta, groups=[(policy, 1.0), (critic, cfg.critic_lr_scale)],
-                      saved={"model": policy, "critic": critic}, desc="ppo")
+                      saved={"model": policy, "critic": critic}, desc="ppo", train_mode=False)
     run.state.setdefault("beta", cfg.beta)
     running = RunningMoments(run.state.get("reward_moments", ref_moments.state()))
 
@@ -418,10 +419,8 @@ def train_ppo(task, cfg, train_cfg):
         prompts = [p for p in sft.sample_prompts(task, train_cfg.batch_size, rng)
                    for _ in range(cfg.samples_per_prompt)]
         g = torch.Generator(device=device).manual_seed(rng.randrange(2 ** 31))
-        model.eval()
         batch, rollout_stats = rollout(model, ref, task, prompts, score, cfg, run.state["beta"], g, train_cfg.dtype,
                                        normalise)
-        model.train()
         if cfg.kl_target:  # adaptive KL coefficient (Ziegler et al. 2019): proportional control of beta
             # on the exact per-state KL summed over the response: the same expectation as the summed k1, less noise
             error = max(-0.2, min(0.2, rollout_stats["kl_exact"] / cfg.kl_target - 1))

@@ -789,6 +789,23 @@ def test_float16_scales_the_loss_on_its_own_device_and_skips_an_overflowing_step
     run.finish()
 
 
+def test_train_mode_false_trains_in_eval_mode():
+    """Trainer(train_mode=False), the alignment stages': dropout off while the model trains (the loss is the
+    eval-mode forward's) and after validation; the default trains in train mode."""
+    model = seeded_model(dropout=0.5)
+    x = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        want = lm_loss(model(x[:, :-1]), x[:, 1:]).item()                 # eval mode: no dropout
+    run = gpt.Trainer(model, TrainConfig(device="cpu", max_steps=2, warmup_steps=0), train_mode=False)
+    loss, _ = run.optimizer_step(lambda micro: (lm_loss(run.net(x[:, :-1]), x[:, 1:]), {}))
+    run.validate(lambda m: {})
+    assert loss == want and not model.training
+    run.finish()
+    default = gpt.Trainer(seeded_model(), TrainConfig(device="cpu"))
+    assert default.model.training
+    default.finish()
+
+
 def test_a_data_file_too_small_for_the_context_is_a_clear_error(tmp_path):
     (tmp_path / "small.txt").write_text("hello")
     r = run_script(["gpt.py", "--data", str(tmp_path / "small.txt"), "--out_dir", str(tmp_path), *CPU], cwd=tmp_path)
@@ -2336,6 +2353,29 @@ def test_rollout_with_normalised_rewards_and_several_samples_per_prompt():
     want = ((R - 1.0) / 2.0)[:, None].expand_as(resp)
     assert torch.allclose(batch["returns"][resp], want[resp], atol=1e-5)   # KL_t = 0 at the start: G_t = R'
     assert math.isclose(stats["R_std"], ((R - 1.0) / 2.0).std().item(), rel_tol=1e-5)
+
+
+def test_ppo_with_dropout_starts_on_policy(tmp_path, fine_tuned, reward_trained, capsys, monkeypatch):
+    """A policy built with dropout 0.1 trains as it samples (Trainer train_mode=False): the first optimizer
+    step, on the whole rollout, has the ratio exactly 1: nothing clipped, no KL to theta_old. In train mode
+    dropout's noise would count as a policy change and be clipped."""
+    out = stage_dir(tmp_path, reward_trained[1] / "reward.pt")
+    ckpt = gpt.load_checkpoint(str(fine_tuned[1] / "sft.pt"))
+    gpt.save_checkpoint(str(out / "sft.pt"), **{**ckpt, "config": {**ckpt["config"], "dropout": 0.1}})
+    first, real = [], ppo.ppo_loss
+
+    def recording(*args):
+        loss, stats = real(*args)
+        first.append(stats)
+        return loss, stats
+
+    monkeypatch.setattr(ppo, "ppo_loss", recording)
+    monkeypatch.setattr(gpt.Trainer, "active", None)
+    code, err = main_in_process(ppo, ["--out_dir", str(out), "--max_steps", "1", "--eval_interval", "1",
+                                      "--batch_size", "4", "--epochs", "1", "--minibatches", "1", "--heldout", "8",
+                                      *CPU], capsys)
+    assert code == 0, err
+    assert first[0]["clip_frac"] == 0 and first[0]["approx_kl"] == 0, first[0]
 
 
 @pytest.mark.parametrize("flags", [[], ["--reward", "true", "--kl_mode", "loss", "--kl_estimator", "k3", "--kl_target",
