@@ -908,10 +908,15 @@ def first_difference(want, have, prefix=""):
     return None
 
 
+# what a resumed run may change: where it runs and how often it validates, not what it computes
+RESUME_MAY_CHANGE = ("device", "compile", "out_dir", "resume", "overwrite", "eval_interval", "eval_batches")
+
+
 def claim_checkpoint(path, cfg, meta=None):
     """Before a stage trains into `path`: out_dir checked and locked; an existing checkpoint is never lost
     silently (--resume continues it, or prints its metrics when it finished; --overwrite replaces it); a
-    resumed one must have been built with the same `meta` (the model's config and the stage's settings)."""
+    resumed one must have been built with the same `meta` (the model's config and the stage's settings) and
+    trained with the same TrainConfig but for RESUME_MAY_CHANGE, so that it continues exactly."""
     claim_out_dir(os.path.dirname(path) or ".")
     if not os.path.exists(path) or cfg.overwrite:
         return
@@ -924,9 +929,11 @@ def claim_checkpoint(path, cfg, meta=None):
     if ckpt.get("finished"):
         raise Finished(f"{path} finished at step {ckpt.get('step')}; its metrics: "
                        f"{json.dumps(finite_or_none(ckpt.get('metrics', {})))}")
-    diff = first_difference({k: v for k, v in (meta or {}).items() if k != "built_from"}, ckpt)
-    check(not diff, diff and f"cannot resume {path}: it was built with {diff[0]}={diff[2]!r}, this run asks for "
-          f"{diff[1]!r}; resume with the same settings, or start again with --overwrite")
+    want = {k: v for k, v in (meta or {}).items() if k != "built_from"}
+    want["train_config"] = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUME_MAY_CHANGE}
+    diff = first_difference(want, ckpt)
+    check(not diff, diff and f"cannot resume {path}: it was built with {diff[0].replace('train_config.', '--')}="
+          f"{diff[2]!r}, this run asks for {diff[1]!r}; resume with the same settings, or start again with --overwrite")
 
 
 def provenance(ckpt):

@@ -688,13 +688,13 @@ class Crash(Exception):
     pass
 
 
-def tiny_run(tmp_path, steps, resume=False, seed=0, crash_at=None):
-    torch.manual_seed(seed)
+def tiny_run(tmp_path, steps, resume=False, init_seed=0, crash_at=None, eval_interval=3):
+    torch.manual_seed(init_seed)
     model = GPT(tiny())
     data = torch.randint(0, 256, (5000,), generator=torch.Generator().manual_seed(1)).numpy().astype("uint16")
     get = gpt.corpus_batches(data, 4, model.cfg.block_size, seed=1)
-    cfg = TrainConfig(max_steps=steps, batch_size=4, lr=1e-2, warmup_steps=2, eval_interval=3,
-                      out_dir=str(tmp_path), resume=resume, seed=seed, device="cpu")
+    cfg = TrainConfig(max_steps=steps, batch_size=4, lr=1e-2, warmup_steps=2, eval_interval=eval_interval,
+                      out_dir=str(tmp_path), resume=resume, seed=0, device="cpu")
     losses = []
 
     def loss_fn(net, batch):
@@ -713,7 +713,8 @@ def test_checkpoint_round_trip_and_exact_resume(tmp_path):
     straight, losses = tiny_run(tmp_path / "a", 6)
     with pytest.raises(Crash):
         tiny_run(tmp_path / "b", 6, crash_at=4)  # dies in step 5, after the checkpoint of step 3
-    resumed, rest = tiny_run(tmp_path / "b", 6, resume=True, seed=99)  # its fresh init is overwritten
+    # its fresh init is overwritten; validating at other steps is a change that resuming allows
+    resumed, rest = tiny_run(tmp_path / "b", 6, resume=True, init_seed=99, eval_interval=2)
     assert rest == pytest.approx(losses[3:], abs=1e-6)
     for (n, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-6), n
@@ -3103,7 +3104,8 @@ def test_resume_of_a_finished_run_prints_its_metrics_and_rerunning_never_overwri
     assert all((out / f"{stage}.pt").read_bytes() == data for stage, data in saved.items())
 
 
-@pytest.mark.parametrize("case", ["another architecture", "missing fields", "another task", "unfinished upstream"])
+@pytest.mark.parametrize("case", ["another architecture", "another learning rate", "missing fields", "another task",
+                                  "unfinished upstream"])
 def test_resume_and_upstream_checkpoints_are_checked(tmp_path, corpus, pretrained, fine_tuned, case):
     """--resume continues only the run it saved; a stage never builds silently on a checkpoint made for another
     task or on an unfinished one. The message names the field and the command that fixes it."""
@@ -3113,6 +3115,10 @@ def test_resume_and_upstream_checkpoints_are_checked(tmp_path, corpus, pretraine
         unfinished_copy(pretrained[1] / "gpt.pt", out / "gpt.pt")
         args, words = ["gpt.py", "--data", corpus, *TINY_FLAGS, "--resume", "--norm", "layernorm"], ["config.norm",
                                                                                                        "--overwrite"]
+    elif case == "another learning rate":  # the same run resumed with --lr: it would not continue exactly
+        unfinished_copy(pretrained[1] / "gpt.pt", out / "gpt.pt")
+        args, words = ["gpt.py", "--data", corpus, *TINY_FLAGS, "--resume", "--lr", "1e-3"], ["--lr=0.003", "0.001",
+                                                                                             "--overwrite"]
     elif case == "missing fields":  # a checkpoint without the optimizer state and step resume needs
         ckpt = gpt.load_checkpoint(str(pretrained[1] / "gpt.pt"))
         gpt.save_checkpoint(str(out / "gpt.pt"), model=ckpt["model"], config=ckpt["config"], finished=False)
