@@ -189,7 +189,7 @@ def train_dpo(task, pref, cfg, train_cfg):
     meta = {"stage": "dpo", "config": dataclasses.asdict(policy.cfg), "task": task.identity,
             "pref": dataclasses.asdict(pref), "dpo": dataclasses.asdict(cfg),
             "built_from": {"sft": gpt.provenance(sft_ckpt)}}
-    # train_mode=False: no dropout, so that the policy and the reference score alike (the loss starts at ln 2)
+    # train_mode=False: no dropout, so that the policy and the reference score alike (DPO's term starts at ln 2)
     m = sft.before_after(before, gpt.train(policy, train_cfg, get_batch, loss_fn, evaluate, path, meta, desc="dpo",
                                            train_mode=False))
     if gpt.rank() == 0:

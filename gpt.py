@@ -1101,9 +1101,8 @@ class Trainer:
     `state` (whatever else the stage's loop needs to resume) and whether the run finished. `unit` names
     what the loss functions count in their stats (tokens, samples): its rate is the throughput, measured
     after the first steps (compile and warm-up), and with flops_per_unit on a GPU the MFU. train_mode=False
-    keeps the model in eval mode while it trains (the gradients are the same): no dropout and no MoE capacity,
-    so the policy that is scored is the one that generate() sampled (the alignment stages, as TRL's
-    disable_dropout)."""
+    keeps the model in eval mode while it trains: no dropout and no MoE capacity, so the policy that is scored
+    is the one that generate() sampled (the alignment stages, as TRL's disable_dropout)."""
 
     active = None  # the run in progress, for run_main's Ctrl-C line
 

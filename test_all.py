@@ -2359,7 +2359,7 @@ def test_rollout_with_normalised_rewards_and_several_samples_per_prompt():
 def test_ppo_with_dropout_starts_on_policy(tmp_path, fine_tuned, reward_trained, capsys, monkeypatch):
     """A policy built with dropout 0.1 trains as it samples (Trainer train_mode=False): the first optimizer
     step, on the whole rollout, has the ratio exactly 1: nothing clipped, no KL to theta_old. In train mode
-    dropout's noise would count as a policy change and be clipped."""
+    dropout's noise would count as a policy change."""
     out = stage_dir(tmp_path, reward_trained[1] / "reward.pt")
     ckpt = gpt.load_checkpoint(str(fine_tuned[1] / "sft.pt"))
     gpt.save_checkpoint(str(out / "sft.pt"), **{**ckpt, "config": {**ckpt["config"], "dropout": 0.1}})
@@ -3067,10 +3067,12 @@ def main_in_process(module, argv, capsys):
     (gpt, ["--max_seconds", "-5"], ["max_seconds"]), (gpt, ["--sample_tokens", "-1"], ["sample_tokens"]),
     (gpt, ["--val_fraction", "1.5"], ["val_fraction", "(0, 1)"]), (gpt, ["--data", HERE], ["is a directory"]),
     (gpt, ["--data", "/no/such/file.txt"], ["no such file"]), (gpt, ["--max_stepz", "3"], ["unrecognized", "--help"]),
-    (gpt, ["--lr", "abc"], ["--lr", "not a finite number"]), (gpt, ["--rope_theta", "nan"], ["--rope_theta", "finite"]),
-    (dpo, ["--beta", "inf"], ["--beta", "not a finite number"]), (ppo, ["--max_seconds", "inf"], ["finite"]), (gpt, ["--resume", "--overwrite"], ["choose one"]),
+    (gpt, ["--lr", "abc"], ["--lr", "not a finite number"]), (gpt, ["--resume", "--overwrite"], ["choose one"]),
+    (gpt, ["--rope_theta", "nan"], ["--rope_theta", "finite"]), (ppo, ["--max_seconds", "inf"], ["finite"]),
+    (dpo, ["--beta", "inf"], ["--beta", "not a finite number"]),
     (ppo, ["--top_p", "0"], ["top_p", "(0, 1]"]), (ppo, ["--top_k", "-1"], ["top_k"]),
-    (ppo, ["--temperature", "0"], ["temperature > 0"]), (ppo, ["--minibatches", "65"], ["--minibatches", "empty"]), (sft, ["--heldout", "10000000"], ["heldout", "50626 pairs"]),
+    (ppo, ["--temperature", "0"], ["temperature > 0"]), (ppo, ["--minibatches", "65"], ["--minibatches", "empty"]),
+    (sft, ["--heldout", "10000000"], ["heldout", "50626 pairs"]),
     (sft, ["--init", "/no/such.pt"], ["--init"]), (sft, ["--qlora"], ["--lora_rank"]),
     (reward, ["--tau", "0"], ["tau"]), (dpo, ["--beta", "0"], ["beta"]), (gpro, ["--k", "1"], ["k >= 2"]),
 ])
