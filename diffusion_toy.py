@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from gpt import (TrainConfig, UserError, arg, claim_out_dir, parse_args, print_table, run_main, step_generator, train,
+from train import (TrainConfig, UserError, arg, claim_out_dir, parse_args, print_table, run_main, step_generator, train,
                  write_metrics)
 
 MC_TOL = 4.0  # Monte-Carlo checks pass within this many standard errors
@@ -284,7 +284,7 @@ class Denoiser(nn.Module):
 
 def train_denoiser(data, hidden, steps, cfg, desc):
     """1(f): a batch is t_i ~ U(0, 1], a random training point s_(l_i), and the input s_(l_i) + sqrt(t_i) z_i;
-    the loss is the squared error of predicting s_(l_i); AdamW via gpt.py's training loop.
+    the loss is the squared error of predicting s_(l_i); AdamW via train.py's training loop.
     Each (s, t) is used twice, with z and -z (antithetic noise): the cross terms s z cancel in the gradient
     (exactly, for a denoiser linear in x_t), which matters at large t, where the signal is tiny (the slope
     sigma^2/(sigma^2+t) is 0.01 at t = 1 for sigma^2 = 0.01) and the noise is not.

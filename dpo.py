@@ -39,7 +39,8 @@ import torch.nn.functional as F
 import gpt
 import reward
 import sft
-from gpt import arg
+import train
+from train import arg
 
 
 def dpo_loss(logp_chosen, logp_rejected, ref_chosen, ref_rejected, beta, loss="sigmoid", label_smoothing=0.0):
@@ -81,10 +82,10 @@ class DPOConfig:
                                 "0 = the preference loss alone)")
 
     def __post_init__(self):
-        gpt.check(self.beta > 0, f"beta must be > 0, got {self.beta}")
-        gpt.check_choice(self, "loss", ("sigmoid", "ipo", "hinge", "plackett_luce"))
-        gpt.check(0 <= self.label_smoothing < 0.5, f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
-        gpt.check(self.rpo_alpha >= 0, f"rpo_alpha must be >= 0, got {self.rpo_alpha}")
+        train.check(self.beta > 0, f"beta must be > 0, got {self.beta}")
+        train.check_choice(self, "loss", ("sigmoid", "ipo", "hinge", "plackett_luce"))
+        train.check(0 <= self.label_smoothing < 0.5, f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        train.check(self.rpo_alpha >= 0, f"rpo_alpha must be >= 0, got {self.rpo_alpha}")
 
 
 def response_logps(model, comparisons, device):
@@ -142,20 +143,20 @@ def dpo_defaults():
     DPO (DPOConfig(): beta 0.1, no NLL term) collapses with 1500 steps at lr 5e-6 or 600 at 1e-4; this recipe
     holds for 3000 steps, and for 600 at lr 1e-4 (the module docstring says why)."""
     return (sft.TaskConfig(), reward.PrefConfig(n_pairs=4000, n_eval=400), DPOConfig(beta=0.5, rpo_alpha=1.0),
-            gpt.TrainConfig(max_steps=600, batch_size=32, lr=5e-5, min_lr=5e-6, warmup_steps=20,
+            train.TrainConfig(max_steps=600, batch_size=32, lr=5e-5, min_lr=5e-6, warmup_steps=20,
                             eval_interval=200, weight_decay=0.0))
 
 
 def train_dpo(task, pref, cfg, train_cfg):
     """The whole stage: SFT policy -> preference data -> DPO, the before/after table and
     out_dir/dpo_metrics.json. Returns (policy, metrics)."""
-    device = gpt.pick_device(train_cfg.device)
+    device = train.pick_device(train_cfg.device)
     path = os.path.join(train_cfg.out_dir, "dpo.pt")
-    gpt.claim_checkpoint(path, train_cfg)
+    train.claim_checkpoint(path, train_cfg)
     policy, sft_ckpt = sft.load_sft_policy(task, train_cfg, device)
     ref = copy.deepcopy(policy).eval().requires_grad_(False)  # pi_ref: the frozen SFT model
     k = pref.k if cfg.loss == "plackett_luce" else 2
-    if gpt.rank() == 0:
+    if train.rank() == 0:
         print(f"sampling {pref.n_pairs} comparisons of {k} responses from the SFT policy, labelled with tau={pref.tau}")
     data = reward.make_comparisons(policy, task, pref.n_pairs, k, pref.tau, pref.sample_temperature, train_cfg.seed)
     held = reward.make_comparisons(policy, task, pref.n_eval, 2, pref.tau, pref.sample_temperature,
@@ -168,7 +169,7 @@ def train_dpo(task, pref, cfg, train_cfg):
               **answer_stats(policy, task, held_prompts, device)}
 
     def get_batch(i):
-        rng = gpt.step_rng(train_cfg.seed, i)
+        rng = train.step_rng(train_cfg.seed, i)
         idx = [rng.randrange(len(data)) for _ in range(train_cfg.batch_size)]
         return [data[j] for j in idx], ref_logps[idx]
 
@@ -188,22 +189,22 @@ def train_dpo(task, pref, cfg, train_cfg):
 
     meta = {"stage": "dpo", "config": dataclasses.asdict(policy.cfg), "task": task.identity,
             "pref": dataclasses.asdict(pref), "dpo": dataclasses.asdict(cfg),
-            "built_from": {"sft": gpt.provenance(sft_ckpt)}}
+            "built_from": {"sft": train.provenance(sft_ckpt)}}
     # train_mode=False: no dropout, so that the policy and the reference score alike (DPO's term starts at ln 2)
-    m = sft.before_after(before, gpt.train(policy, train_cfg, get_batch, loss_fn, evaluate, path, meta, desc="dpo",
+    m = sft.before_after(before, train.train(policy, train_cfg, get_batch, loss_fn, evaluate, path, meta, desc="dpo",
                                            train_mode=False))
-    if gpt.rank() == 0:
-        gpt.print_table(f"DPO ({cfg.loss}, beta={cfg.beta}) on held-out prompts: SFT -> aligned",
+    if train.rank() == 0:
+        train.print_table(f"DPO ({cfg.loss}, beta={cfg.beta}) on held-out prompts: SFT -> aligned",
                         sft.before_after_rows(m) + [("held-out preference accuracy",
                                                      f"{m['heldout_rewards/accuracies']:.1%}"),
                                                     ("train seconds", m["train_seconds"])])
-        gpt.write_metrics("dpo", m, train_cfg.out_dir)
+        train.write_metrics("dpo", m, train_cfg.out_dir)
     return policy, m
 
 
 def main(argv=None):
-    train_dpo(*gpt.parse_args(list(dpo_defaults()), argv, description="DPO on simulated preferences"))
+    train_dpo(*train.parse_args(list(dpo_defaults()), argv, description="DPO on simulated preferences"))
 
 
 if __name__ == "__main__":
-    gpt.run_main(main)
+    train.run_main(main)

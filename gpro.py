@@ -51,7 +51,8 @@ import torch
 import gpt
 import reward
 import sft
-from gpt import arg
+import train
+from train import arg
 
 
 def gpro_weights(rewards, beta):
@@ -135,15 +136,15 @@ class GPROConfig:
                                  "tokens: DAPO) | constant (sum / (responses x max response length): Dr. GRPO)")
 
     def __post_init__(self):
-        gpt.check_choice(self, "algo", ("gpro", "grpo"))
-        gpt.check_choice(self, "reward", ("true", "exact", "rm"))
-        gpt.check_choice(self, "scale_rewards", ("group", "batch", "none"))
-        gpt.check_choice(self, "loss_agg", ("sequence", "token", "constant"))
-        gpt.check(self.k >= 2 and self.beta > 0 and self.kl_coef >= 0, f"need k >= 2, beta > 0 and kl_coef >= 0, "
+        train.check_choice(self, "algo", ("gpro", "grpo"))
+        train.check_choice(self, "reward", ("true", "exact", "rm"))
+        train.check_choice(self, "scale_rewards", ("group", "batch", "none"))
+        train.check_choice(self, "loss_agg", ("sequence", "token", "constant"))
+        train.check(self.k >= 2 and self.beta > 0 and self.kl_coef >= 0, f"need k >= 2, beta > 0 and kl_coef >= 0, "
                   f"got k={self.k}, beta={self.beta}, kl_coef={self.kl_coef}")
-        gpt.check(self.mu >= 1, f"mu must be >= 1, got {self.mu}")
-        gpt.check(0 < self.clip_eps < 1, f"clip_eps must be in (0, 1), got {self.clip_eps}")
-        gpt.check(self.clip_eps_high >= 0, f"clip_eps_high must be >= 0 (0 = clip_eps), got {self.clip_eps_high}")
+        train.check(self.mu >= 1, f"mu must be >= 1, got {self.mu}")
+        train.check(0 < self.clip_eps < 1, f"clip_eps must be in (0, 1), got {self.clip_eps}")
+        train.check(self.clip_eps_high >= 0, f"clip_eps_high must be >= 0 (0 = clip_eps), got {self.clip_eps_high}")
 
     @property
     def eps_high(self):
@@ -152,7 +153,7 @@ class GPROConfig:
 
 def gpro_defaults():
     return (sft.TaskConfig(), GPROConfig(),
-            gpt.TrainConfig(max_steps=300, batch_size=16, lr=5e-4, min_lr=5e-7, warmup_steps=10,
+            train.TrainConfig(max_steps=300, batch_size=16, lr=5e-4, min_lr=5e-7, warmup_steps=10,
                             eval_interval=100, weight_decay=0.0))
 
 
@@ -167,7 +168,7 @@ def grpo_rollout(policy, ref, task, prompts, score, cfg, generator, dtype="auto"
     outs = gpt.generate(policy, [sft.prompt_tokens(a, b) for a, b in flat], task.max_response_tokens,
                         generator=generator)
     ids, mask = sft.pack_generated(flat, outs, device)
-    with gpt.autocast(device, dtype):
+    with train.autocast(device, dtype):
         old_logp, _ = gpt.sequence_logprobs(policy, ids, mask)
         ref_logp, _ = gpt.sequence_logprobs(ref, ids, mask)
     responses = [sft.strip_eos(o) for o in outs]
@@ -203,9 +204,9 @@ CLIP_KEYS = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_m
 def train_gpro(task, cfg, train_cfg):
     """The whole stage: SFT policy (and the reward model for --reward rm) -> GPRO or GRPO, the before/after
     table and out_dir/gpro_metrics.json. Returns (policy, metrics)."""
-    device = gpt.pick_device(train_cfg.device)
+    device = train.pick_device(train_cfg.device)
     path = os.path.join(train_cfg.out_dir, f"{cfg.algo}.pt")
-    gpt.claim_checkpoint(path, train_cfg)
+    train.claim_checkpoint(path, train_cfg)
     policy, sft_ckpt = sft.load_sft_policy(task, train_cfg, device)
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
     rm = reward.load_reward_stage(task, train_cfg, device) if cfg.reward == "rm" else None
@@ -224,30 +225,30 @@ def train_gpro(task, cfg, train_cfg):
         return {**sft.evaluate_policy(m, task), "kl": sft.kl_to_reference(m, ref, task)}
 
     meta = {"stage": cfg.algo, "config": dataclasses.asdict(policy.cfg), "task": task.identity,
-            "gpro": dataclasses.asdict(cfg), "built_from": {"sft": gpt.provenance(sft_ckpt)}}
+            "gpro": dataclasses.asdict(cfg), "built_from": {"sft": train.provenance(sft_ckpt)}}
     if cfg.algo == "gpro":
         result = train_weighted_likelihood(policy, ref, task, cfg, train_cfg, score, evaluate, path, meta)
     else:
         result = train_grpo(policy, ref, task, cfg, train_cfg, score, evaluate, path, meta)
     m = sft.before_after(before, result)
-    if gpt.rank() == 0:
+    if train.rank() == 0:
         strength = f"beta={cfg.beta}" if cfg.algo == "gpro" else f"kl_coef={cfg.kl_coef}, mu={cfg.mu}"
         rows = [("train seconds", m["train_seconds"])]
         if cfg.algo == "grpo":
             rows.insert(0, ("clipped tokens, mean over steps: low / high", f"{m['clip_ratio/low_mean']:.2%} / "
                                                                           f"{m['clip_ratio/high_mean']:.2%}"))
-        gpt.print_table(f"{cfg.algo.upper()} (K={cfg.k}, {strength}, reward={cfg.reward}) on held-out prompts",
+        train.print_table(f"{cfg.algo.upper()} (K={cfg.k}, {strength}, reward={cfg.reward}) on held-out prompts",
                         sft.before_after_rows(m) + rows)
-        gpt.write_metrics("gpro", {**m, "algo": cfg.algo}, train_cfg.out_dir)
+        train.write_metrics("gpro", {**m, "algo": cfg.algo}, train_cfg.out_dir)
     return policy, m
 
 
 def train_weighted_likelihood(policy, ref, task, cfg, train_cfg, score, evaluate, path, meta):
-    """GPRO: gpt.train's plain loop, each batch K draws per prompt from pi_ref (from the policy with --online)."""
+    """GPRO: train.train's plain loop, each batch K draws per prompt from pi_ref (from the policy with --online)."""
     device = next(policy.parameters()).device
 
     def get_batch(i):
-        rng = gpt.step_rng(train_cfg.seed, i)
+        rng = train.step_rng(train_cfg.seed, i)
         prompts = sft.sample_prompts(task, train_cfg.batch_size, rng)
         responses = reward.sample_responses(policy if cfg.online else ref, task, prompts, cfg.k, 1.0,
                                             seed=rng.randrange(2 ** 31))
@@ -263,25 +264,25 @@ def train_weighted_likelihood(policy, ref, task, cfg, train_cfg, score, evaluate
                  "weight_entropy": -(w * w.clamp_min(1e-12).log()).sum(-1).mean().item()}
         return gpro_loss(logp.view(-1, cfg.k), r, cfg.beta) + gpt.aux_loss(policy), stats
 
-    return gpt.train(policy, train_cfg, get_batch, loss_fn, evaluate, path, meta, desc="gpro", train_mode=False)
+    return train.train(policy, train_cfg, get_batch, loss_fn, evaluate, path, meta, desc="gpro", train_mode=False)
 
 
 def train_grpo(policy, ref, task, cfg, train_cfg, score, evaluate, path, meta):
-    """GRPO's loop (Shao et al. 2024, Algorithm 1) from gpt.Trainer's pieces: each rollout samples a group batch
+    """GRPO's loop (Shao et al. 2024, Algorithm 1) from train.Trainer's pieces: each rollout samples a group batch
     with theta_old and records its log-probs, then mu optimizer steps train on it. Returns the Trainer's figures
     plus the clip fractions averaged over all optimizer steps."""
-    gpt.check(train_cfg.grad_accum == 1, "GRPO's batch is one rollout: use --batch_size (prompts per rollout), "
+    train.check(train_cfg.grad_accum == 1, "GRPO's batch is one rollout: use --batch_size (prompts per rollout), "
               "not --grad_accum")
-    run = gpt.Trainer(policy, train_cfg, path, meta, desc="grpo", train_mode=False)  # trains as it samples
+    run = train.Trainer(policy, train_cfg, path, meta, desc="grpo", train_mode=False)  # trains as it samples
     sums = run.state.setdefault("clip_sums", dict.fromkeys(CLIP_KEYS, 0.0))
     while not run.done:
         # 1. Rollout number step // mu with theta_old = the current policy
         rollout, start, t = run.step // cfg.mu, run.step, time.perf_counter()
-        rng = gpt.step_rng(train_cfg.seed, rollout)
+        rng = train.step_rng(train_cfg.seed, rollout)
         prompts = sft.sample_prompts(task, train_cfg.batch_size, rng)
         g = torch.Generator(device=run.device).manual_seed(rng.randrange(2 ** 31))
         batch, rollout_stats = grpo_rollout(policy, ref, task, prompts, score, cfg, g, train_cfg.dtype)
-        run.train_seconds += time.perf_counter() - t  # sampling is training time, as in gpt.train's get_batch
+        run.train_seconds += time.perf_counter() - t  # sampling is training time, as in train.train's get_batch
         # 2. mu optimizer steps on this batch: the ratio pi / pi_old leaves 1 after the first
         for _ in range(cfg.mu):
             if run.done:
@@ -297,8 +298,8 @@ def train_grpo(policy, ref, task, cfg, train_cfg, score, evaluate, path, meta):
 
 
 def main(argv=None):
-    train_gpro(*gpt.parse_args(list(gpro_defaults()), argv, description="GPRO / GRPO from scalar rewards"))
+    train_gpro(*train.parse_args(list(gpro_defaults()), argv, description="GPRO / GRPO from scalar rewards"))
 
 
 if __name__ == "__main__":
-    gpt.run_main(main)
+    train.run_main(main)

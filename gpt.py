@@ -1,49 +1,38 @@
 """
-gpt.py: a decoder-only transformer language model and the machinery every other script shares.
+gpt.py: a decoder-only transformer language model, Llama-shaped by default, with its switches.
 
 Read top to bottom:
   1. byte tokenizer                      ids 0..255 are bytes, then BOS, EOS, PAD, SEP
   2. GPTConfig                           frozen and validated: a model's config never changes
   3. the model                           attention (MHA/GQA/MQA, RoPE), FFN (SwiGLU), block, GPT
                                          (notes 4.1-4.4, 4.7, 5.2, 8.2, 8.6-8.7)
-  4. the switches                        each its own module, chosen once when the model is built: post-norm
+  4. KV cache, sampling, log-probs       (notes 4.3, 10.1, 10.5) used by every later stage
+  5. the switches                        each its own module, chosen once when the model is built: post-norm
                                          and parallel blocks (4.7, 8.9), causal linear attention with its
                                          recurrent cache (4.10), mixture of experts (8.8), prefix-LM mask (8.4)
-  5. KV cache, sampling, log-probs       (notes 4.3, 10.1, 10.5) used by every later stage
-  6. command line, metrics, checkpoints, per-step random streams
-  7. the training loop                   AdamW, warmup + cosine, clipping, accumulation, bf16, DDP, resume
-  8. pretraining on the Python standard library's source: `python gpt.py`
+  6. a GPT from a checkpoint, FLOPs per token
+  7. pretraining on the Python standard library's source: `python gpt.py`
 
+The run itself (flags, checkpoints, the training loop, DDP) is train.py's; the attention kernels are kernels.py's.
 Run `python gpt.py --help` for the flags; `torchrun --nproc_per_node=N gpt.py` trains with DDP.
 """
-import argparse
-import atexit
-import contextlib
 import dataclasses
-import json
 import math
 import os
-import random
-import shutil
-import sys
 import sysconfig
 import time
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
-# the bottom layer also holds what every script's output needs: its table, its JSON line, atomic files
-from kernels import atomic_write, attention, causal_mask, finite_or_none, print_table, remove_quietly, write_metrics
-
-
-class UserError(ValueError):
-    """Bad input from the user (config, data, checkpoint): the scripts print the message, not a traceback."""
+from kernels import attention, causal_mask
+from train import (TrainConfig, UserError, arg, autocast, autocast_dtype, check, check_choice, claim_checkpoint,
+                   load_checkpoint, parse_args, pick_device, print_table, rank, run_main, step_generator, train,
+                   write_metrics)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -81,21 +70,6 @@ def padded_vocab_size(n=N_TOKENS, multiple=64):
 
 # ----------------------------------------------------------------------------------------------
 # 2. The configuration
-
-def arg(default, help):
-    """A dataclass field that is also a command-line flag with this help text."""
-    return field(default=default, metadata={"help": help})
-
-
-def check(ok, message):
-    if not ok:
-        raise UserError(message)
-
-
-def check_choice(obj, name, allowed):
-    value = getattr(obj, name)
-    check(value in allowed, f"{name}={value!r} is not one of {', '.join(map(str, allowed))}")
-
 
 @dataclass(frozen=True)
 class GPTConfig:
@@ -231,6 +205,9 @@ class Attention(nn.Module):
         q, k, v = self.project(x, rope)
         if cache is not None:  # append this step's keys/values; attend over everything cached so far
             k, v = cache.update(k, v)                                                # (B, n_kv_head, Tk, hd)
+        # per head h: A_h = softmax(Q_h K_g(h)^T / sqrt(hd) + M) V_g(h), M = -inf where a query may not look
+        # (the future, padding); g(h) the key/value head of query head h (notes 4.1 eqs. 5-8, 4.4). kernels.py
+        # computes it: reference_attention writes it out, flash attention (GPUs) never stores the T x T scores.
         y = attention(q, k, v, causal=self.causal, mask=mask, dropout_p=self.dropout if self.training else 0.0)
         return self.output(y)                                                        # y: (B, n_head, T, hd)
 
@@ -293,7 +270,6 @@ class GPT(nn.Module):
             cos, sin = rope_tables(cfg.head_dim, cfg.block_size, cfg.rope_theta)
             self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, hd/2)
             self.register_buffer("rope_sin", sin, persistent=False)
-        self.extra_mask = prefix_lm_mask if cfg.prefix_lm else no_extra_mask
         # notes 3.1: with RMS(x) = 1 and weights of variance s^2, Var(logit) ~ n_embd s^2; / sqrt(n_embd): s^2
         self.logit_divisor = math.sqrt(cfg.n_embd) if cfg.logit_scale else 1.0
         self.apply(self._init_weights)
@@ -338,7 +314,8 @@ class GPT(nn.Module):
             mask = padding_mask(attn_mask.bool(), T)
         else:
             mask = None
-        mask = both(mask, self.extra_mask(idx, start))
+        if self.cfg.prefix_lm:  # the prefix attends both ways (notes 8.4)
+            mask = intersect_masks(mask, prefix_lm_mask(idx, start))
         x = self.wte(idx)                                                            # (B, T, C)
         rope = None
         if self.wpe is not None:
@@ -362,8 +339,8 @@ def padding_mask(key_valid, Tq):
     return (key_valid[:, None, None, :] | self_key)  # causality is added by attention()
 
 
-def both(a, b):
-    """The conjunction of two attention masks, either of which may be None (no constraint)."""
+def intersect_masks(a, b):
+    """Where both attention masks allow (True = may attend); either may be None, no constraint."""
     return a if b is None else b if a is None else a & b
 
 
@@ -374,7 +351,152 @@ def lm_loss(logits, targets, ignore_index=-1):
 
 
 # ----------------------------------------------------------------------------------------------
-# 4. The switches, each chosen once in Block / GPT.__init__
+# 4. KV cache, sampling, generation and sequence log-probabilities (notes 4.3, 10.1, 10.5)
+
+class LayerCache:
+    """Preallocated keys and values of one layer, only the n_kv_head heads: (B, n_kv_head, max_len, hd)."""
+
+    def __init__(self, kv, k, v):
+        self.kv, self.k, self.v = kv, k, v
+
+    def update(self, k, v):
+        start, T = self.kv.length, k.shape[2]
+        self.k[:, :, start:start + T] = k
+        self.v[:, :, start:start + T] = v
+        return self.k[:, :, :start + T], self.v[:, :, :start + T]  # views, no copy
+
+
+class KVCache:
+    """The static cache of all layers (each attention module makes its own: keys and values, or linear
+    attention's running sums), plus which cached positions are real tokens (left padding)."""
+
+    def __init__(self, model, batch_size, max_len, device, dtype):
+        if max_len > model.cfg.block_size:
+            raise UserError(f"{max_len} tokens do not fit the context block_size={model.cfg.block_size}")
+        self.length = 0                                                                   # filled positions
+        self.key_valid = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)
+        self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)          # next position id
+        self.padded = False
+        self.layers = [m.new_cache(self, batch_size, max_len, device, dtype)
+                       for m in model.modules() if isinstance(m, Attention)]
+
+    def advance(self, T, attn_mask):
+        """Record T new positions (attn_mask: (B, T) or None = all real); return the attention mask."""
+        end = self.length + T
+        if attn_mask is not None:
+            self.key_valid[:, self.length:end] = attn_mask.bool()
+            self.padded = self.padded or not bool(attn_mask.all())
+            self.next_pos += attn_mask.long().sum(1)
+        else:
+            self.next_pos += T
+        return padding_mask(self.key_valid[:, :end], T) if self.padded else None
+
+    def nbytes(self):
+        return sum(t.numel() * t.element_size() for c in self.layers for t in vars(c).values() if torch.is_tensor(t))
+
+
+def logprobs_from_logits(logits, temperature=1.0):
+    """log softmax(z / T) over the real token ids only (notes 10.5, temperature sampling): the
+    vocabulary's padding ids are dropped, so the result is (..., N_TOKENS). Sampling and sequence
+    log-probs both use this one function, so they score exactly the distribution that is sampled."""
+    return F.log_softmax(logits[..., :N_TOKENS].float() / temperature, dim=-1)
+
+
+def check_sampling(temperature=1.0, top_k=0, top_p=1.0):
+    check(temperature >= 0, f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    check(top_k >= 0, f"top_k must be >= 0 (0 = off), got {top_k}")
+    check(0 < top_p <= 1, f"top_p must be in (0, 1] (1 = off), got {top_p}")
+
+
+def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
+    """One token per row from logits (B, V): greedy if temperature == 0, else temperature, top-k and
+    top-p (nucleus, Holtzman et al. 2019: the smallest set of most probable tokens whose mass reaches p)."""
+    if temperature == 0:
+        return logprobs_from_logits(logits).argmax(-1)
+    logp = logprobs_from_logits(logits, temperature)                  # (B, V)
+    if top_k:
+        kth = logp.topk(min(top_k, logp.size(-1)), dim=-1).values[:, -1:]
+        logp = logp.masked_fill(logp < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logp, order = logp.sort(dim=-1, descending=True)
+        mass_before = sorted_logp.softmax(-1).cumsum(-1) - sorted_logp.softmax(-1)
+        drop = mass_before >= top_p                                    # already reached p without it
+        logp = logp.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return torch.multinomial(logp.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+def left_pad(sequences, pad=PAD, device="cpu"):
+    """Token lists of different lengths -> ids (B, T) padded on the left, attn_mask (B, T)."""
+    T = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), T), pad, dtype=torch.long)
+    mask = torch.zeros(len(sequences), T, dtype=torch.long)
+    for i, s in enumerate(sequences):
+        if s:
+            ids[i, T - len(s):] = torch.as_tensor(s)
+            mask[i, T - len(s):] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, eos=EOS, generator=None):
+    """Continue each prompt (a list of token-id lists, any lengths) for up to max_new_tokens.
+    Prefill all prompts in one forward (left padded), then decode one token per step through the KV
+    cache; a sequence stops at its first EOS. Returns the new tokens of each prompt (EOS included)."""
+    check(prompts and all(len(p) for p in prompts), "every prompt needs at least one token (start it with BOS)")
+    check(isinstance(max_new_tokens, int) and max_new_tokens >= 0, f"max_new_tokens must be an integer >= 0, "
+          f"got {max_new_tokens}")
+    check(all(0 <= t < N_TOKENS for p in prompts for t in p), f"prompt token ids must be in 0..{N_TOKENS - 1}")
+    check_sampling(temperature, top_k, top_p)
+    longest = max(len(p) for p in prompts)
+    if longest + max_new_tokens > model.cfg.block_size:
+        raise UserError(f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds the "
+                        f"context block_size={model.cfg.block_size}: shorten the prompt or generate less")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    ids, mask = left_pad(prompts, device=device)                                   # (B, T)
+    B = ids.shape[0]
+    out = torch.full((B, max_new_tokens), PAD, dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    cache = KVCache(model, B, longest + max_new_tokens, device, autocast_dtype(device))
+    for t in range(max_new_tokens):
+        with autocast(device):  # the prefill is the whole prompt, then each step feeds the last new token
+            logits = model(ids if t == 0 else out[:, t - 1:t], attn_mask=mask if t == 0 else None, cache=cache,
+                           last_only=True)
+        nxt = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
+        out[:, t] = torch.where(done, PAD, nxt)
+        done |= nxt == eos
+        if bool(done.all()):
+            break
+    model.train(was_training)
+    result = []
+    for row in out.tolist():
+        new = [t for t in row if t != PAD]
+        result.append(new[:new.index(eos) + 1] if eos in new else new)
+    return result
+
+
+def sequence_logprobs(model, idx, target_mask, attn_mask=None, temperature=1.0):
+    """Per-token log p(x_t | x_<t) at the positions where target_mask is 1, and their sum.
+
+    idx, target_mask, attn_mask: (B, T). Logits at position t-1 predict token t (the shift of
+    notes 10.1), so position 0 is never a target. Returns (per_token (B, T), zero where not a
+    target; total (B,)). SFT, DPO, PPO and GPRO all score responses with this function."""
+    tok, _ = shifted_logprobs(model(idx, attn_mask=attn_mask), idx, target_mask, temperature)
+    return tok, tok.sum(-1)
+
+
+def shifted_logprobs(logits, idx, target_mask, temperature=1.0):
+    """From logits (B, T, V): the per-token log p(x_t | x_<t) (B, T), zero where target_mask is 0, and
+    the whole distribution each position is drawn from, log pi(. | x_<t) (B, T, N_TOKENS), row 0 zeros
+    (nothing predicts position 0). PPO takes its entropy and exact per-token KL from the latter."""
+    logp = logprobs_from_logits(logits[:, :-1], temperature)                       # (B, T-1, N)
+    logp = torch.cat([torch.zeros_like(logp[:, :1]), logp], 1)                     # (B, T, N), aligned with idx
+    return logp.gather(-1, idx[..., None]).squeeze(-1).masked_fill(target_mask == 0, 0.0), logp
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. The switches, each chosen once in Block / GPT.__init__ (the prefix-LM mask in GPT.hidden_states)
 
 class PostNormBlock(Block):
     """Post-norm: norm(x + f(x)), as in the original transformer (Vaswani et al. 2017; notes 4.7)."""
@@ -530,314 +652,8 @@ def prefix_lm_mask(idx, start=0):
     return (j <= torch.maximum(i[:, None], m[:, None, None]))[:, None]             # (B, 1, T, Tk)
 
 
-def no_extra_mask(idx, start=0):
-    """A causal model's mask beyond causality and padding: none."""
-    return None
-
-
 # ----------------------------------------------------------------------------------------------
-# 5. KV cache, sampling, generation and sequence log-probabilities (notes 4.3, 10.1, 10.5)
-
-class LayerCache:
-    """Preallocated keys and values of one layer, only the n_kv_head heads: (B, n_kv_head, max_len, hd)."""
-
-    def __init__(self, kv, k, v):
-        self.kv, self.k, self.v = kv, k, v
-
-    def update(self, k, v):
-        start, T = self.kv.length, k.shape[2]
-        self.k[:, :, start:start + T] = k
-        self.v[:, :, start:start + T] = v
-        return self.k[:, :, :start + T], self.v[:, :, :start + T]  # views, no copy
-
-
-class KVCache:
-    """The static cache of all layers (each attention module makes its own: keys and values, or linear
-    attention's running sums), plus which cached positions are real tokens (left padding)."""
-
-    def __init__(self, model, batch_size, max_len, device, dtype):
-        if max_len > model.cfg.block_size:
-            raise UserError(f"{max_len} tokens do not fit the context block_size={model.cfg.block_size}")
-        self.length = 0                                                                   # filled positions
-        self.key_valid = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)
-        self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)          # next position id
-        self.padded = False
-        self.layers = [m.new_cache(self, batch_size, max_len, device, dtype)
-                       for m in model.modules() if isinstance(m, Attention)]
-
-    def advance(self, T, attn_mask):
-        """Record T new positions (attn_mask: (B, T) or None = all real); return the attention mask."""
-        end = self.length + T
-        if attn_mask is not None:
-            self.key_valid[:, self.length:end] = attn_mask.bool()
-            self.padded = self.padded or not bool(attn_mask.all())
-            self.next_pos += attn_mask.long().sum(1)
-        else:
-            self.next_pos += T
-        return padding_mask(self.key_valid[:, :end], T) if self.padded else None
-
-    def nbytes(self):
-        return sum(t.numel() * t.element_size() for c in self.layers for t in vars(c).values() if torch.is_tensor(t))
-
-
-def logprobs_from_logits(logits, temperature=1.0):
-    """log softmax(z / T) over the real token ids only (notes 10.5, temperature sampling): the
-    vocabulary's padding ids are dropped, so the result is (..., N_TOKENS). Sampling and sequence
-    log-probs both use this one function, so they score exactly the distribution that is sampled."""
-    return F.log_softmax(logits[..., :N_TOKENS].float() / temperature, dim=-1)
-
-
-def check_sampling(temperature=1.0, top_k=0, top_p=1.0):
-    check(temperature >= 0, f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    check(top_k >= 0, f"top_k must be >= 0 (0 = off), got {top_k}")
-    check(0 < top_p <= 1, f"top_p must be in (0, 1] (1 = off), got {top_p}")
-
-
-def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
-    """One token per row from logits (B, V): greedy if temperature == 0, else temperature, top-k and
-    top-p (nucleus, Holtzman et al. 2019: the smallest set of most probable tokens whose mass reaches p)."""
-    if temperature == 0:
-        return logprobs_from_logits(logits).argmax(-1)
-    logp = logprobs_from_logits(logits, temperature)                  # (B, V)
-    if top_k:
-        kth = logp.topk(min(top_k, logp.size(-1)), dim=-1).values[:, -1:]
-        logp = logp.masked_fill(logp < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logp, order = logp.sort(dim=-1, descending=True)
-        mass_before = sorted_logp.softmax(-1).cumsum(-1) - sorted_logp.softmax(-1)
-        drop = mass_before >= top_p                                    # already reached p without it
-        logp = logp.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return torch.multinomial(logp.softmax(-1), 1, generator=generator).squeeze(-1)
-
-
-def left_pad(sequences, pad=PAD, device="cpu"):
-    """Token lists of different lengths -> ids (B, T) padded on the left, attn_mask (B, T)."""
-    T = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), T), pad, dtype=torch.long)
-    mask = torch.zeros(len(sequences), T, dtype=torch.long)
-    for i, s in enumerate(sequences):
-        if s:
-            ids[i, T - len(s):] = torch.as_tensor(s)
-            mask[i, T - len(s):] = 1
-    return ids.to(device), mask.to(device)
-
-
-@torch.no_grad()
-def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, eos=EOS, generator=None):
-    """Continue each prompt (a list of token-id lists, any lengths) for up to max_new_tokens.
-    Prefill all prompts in one forward (left padded), then decode one token per step through the KV
-    cache; a sequence stops at its first EOS. Returns the new tokens of each prompt (EOS included)."""
-    check(prompts and all(len(p) for p in prompts), "every prompt needs at least one token (start it with BOS)")
-    check(isinstance(max_new_tokens, int) and max_new_tokens >= 0, f"max_new_tokens must be an integer >= 0, "
-          f"got {max_new_tokens}")
-    check(all(0 <= t < N_TOKENS for p in prompts for t in p), f"prompt token ids must be in 0..{N_TOKENS - 1}")
-    check_sampling(temperature, top_k, top_p)
-    longest = max(len(p) for p in prompts)
-    if longest + max_new_tokens > model.cfg.block_size:
-        raise UserError(f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds the "
-                        f"context block_size={model.cfg.block_size}: shorten the prompt or generate less")
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    ids, mask = left_pad(prompts, device=device)                                   # (B, T)
-    B = ids.shape[0]
-    out = torch.full((B, max_new_tokens), PAD, dtype=torch.long, device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    cache = KVCache(model, B, longest + max_new_tokens, device, autocast_dtype(device))
-    for t in range(max_new_tokens):
-        with autocast(device):  # the prefill is the whole prompt, then each step feeds the last new token
-            logits = model(ids if t == 0 else out[:, t - 1:t], attn_mask=mask if t == 0 else None, cache=cache,
-                           last_only=True)
-        nxt = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
-        out[:, t] = torch.where(done, PAD, nxt)
-        done |= nxt == eos
-        if bool(done.all()):
-            break
-    model.train(was_training)
-    result = []
-    for row in out.tolist():
-        new = [t for t in row if t != PAD]
-        result.append(new[:new.index(eos) + 1] if eos in new else new)
-    return result
-
-
-def sequence_logprobs(model, idx, target_mask, attn_mask=None, temperature=1.0):
-    """Per-token log p(x_t | x_<t) at the positions where target_mask is 1, and their sum.
-
-    idx, target_mask, attn_mask: (B, T). Logits at position t-1 predict token t (the shift of
-    notes 10.1), so position 0 is never a target. Returns (per_token (B, T), zero where not a
-    target; total (B,)). SFT, DPO, PPO and GPRO all score responses with this function."""
-    tok, _ = shifted_logprobs(model(idx, attn_mask=attn_mask), idx, target_mask, temperature)
-    return tok, tok.sum(-1)
-
-
-def shifted_logprobs(logits, idx, target_mask, temperature=1.0):
-    """From logits (B, T, V): the per-token log p(x_t | x_<t) (B, T), zero where target_mask is 0, and
-    the whole distribution each position is drawn from, log pi(. | x_<t) (B, T, N_TOKENS), row 0 zeros
-    (nothing predicts position 0). PPO takes its entropy and exact per-token KL from the latter."""
-    logp = logprobs_from_logits(logits[:, :-1], temperature)                       # (B, T-1, N)
-    logp = torch.cat([torch.zeros_like(logp[:, :1]), logp], 1)                     # (B, T, N), aligned with idx
-    return logp.gather(-1, idx[..., None]).squeeze(-1).masked_fill(target_mask == 0, 0.0), logp
-
-
-# ----------------------------------------------------------------------------------------------
-# 6. Command line, devices, metrics, checkpoints, per-step random streams
-
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):  # one line from run_main (rank 0 only under torchrun), not usage on every rank
-        raise UserError(f"{message} (see --help)")
-
-
-def finite_float(text):
-    """A float flag's value, finite: no setting has a meaning at inf or nan (a limit is switched off with 0)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
-    return value
-
-
-def parse_args(defaults, argv=None, description=None):
-    """Expose every field of the given dataclass instances as --flags (the instances give the defaults).
-    Returns new instances, every value validated by its dataclass: a bad one is a UserError naming it."""
-    parser = ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for obj in defaults:
-        group = parser.add_argument_group(type(obj).__name__)
-        for f in dataclasses.fields(obj):
-            value = getattr(obj, f.name)
-            kind = dict(action=argparse.BooleanOptionalAction) if isinstance(value, bool) else dict(
-                type=finite_float if isinstance(value, float) else type(value))
-            group.add_argument(f"--{f.name}", default=value, help=f.metadata.get("help", ""), **kind)
-    ns = vars(parser.parse_args(argv))
-    return [dataclasses.replace(obj, **{f.name: ns[f.name] for f in dataclasses.fields(obj)}) for obj in defaults]
-
-
-def rank():
-    """This process's rank under torchrun (0 without it): only rank 0 logs, evaluates and saves."""
-    return int(os.environ.get("RANK", 0))
-
-
-def run_main(main):
-    """Run a script's main: a UserError becomes one line 'error: ...' and exit status 2, Ctrl-C one line
-    saying what is kept and exit status 130 (under torchrun only rank 0 prints those), running out of memory
-    one line with what to lower and what is kept, and exit status 1."""
-    try:
-        main()
-    except UserError as e:
-        if rank() == 0:
-            print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except Finished as done:
-        if rank() == 0:
-            print(done)
-    except KeyboardInterrupt:
-        if rank() == 0:
-            print(f"\ninterrupted: {Trainer.active.interrupted() if Trainer.active else 'nothing was trained'}",
-                  file=sys.stderr)
-        sys.exit(130)
-    except (MemoryError, RuntimeError) as e:  # a GPU's is a torch.OutOfMemoryError, the CPU allocator's a RuntimeError
-        if not isinstance(e, (MemoryError, torch.OutOfMemoryError)) and "can't allocate memory" not in str(e):
-            raise
-        where = "GPU" if isinstance(e, torch.OutOfMemoryError) else "CPU"
-        print(f"error: out of {where} memory: lower --batch_size (or the model's size); "
-              f"{Trainer.active.kept() if Trainer.active else 'nothing was trained'}", file=sys.stderr)
-        sys.exit(1)
-
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def check_device(name):
-    """A device that exists on this machine: auto, cpu, cuda or cuda:N (N < the number of GPUs)."""
-    if name in ("auto", "cpu"):
-        return
-    kind, _, index = name.partition(":")
-    check(kind == "cuda" and (index == "" or index.isdigit()), f"device={name!r} is not one of auto, cpu, cuda, "
-          "cuda:N")
-    check(torch.cuda.is_available(), f"--device {name} was asked for but no CUDA GPU is available; use --device cpu")
-    check(int(index or 0) < torch.cuda.device_count(), f"--device {name}: this machine has "
-          f"{torch.cuda.device_count()} GPU(s)")
-
-
-def pick_device(name="auto"):
-    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
-
-
-def autocast_dtype(device, dtype="auto"):
-    """The compute dtype: bf16 on GPUs that support it, fp16 on older GPUs (with a GradScaler),
-    fp32 on CPU unless asked for (notes 7; mixed precision, Micikevicius et al. 2018: fp32 master weights
-    either way)."""
-    if dtype != "auto":
-        return DTYPES[dtype]
-    if torch.device(device).type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
-
-
-def autocast(device, dtype="auto"):
-    dt = autocast_dtype(device, dtype)
-    return contextlib.nullcontext() if dt == torch.float32 else torch.autocast(torch.device(device).type, dtype=dt)
-
-
-def step_seed(seed, step):
-    """The seed of the random stream of (seed, this process's rank, step). Every batch, rollout and sample
-    draws from its own stream: runs are reproducible, resume exactly, and DDP processes see different data."""
-    return (seed + 7919 * rank()) * 1_000_003 + step
-
-
-def step_rng(seed, step):
-    return random.Random(step_seed(seed, step))
-
-
-def step_generator(seed, step, device="cpu"):
-    return torch.Generator(device=device).manual_seed(step_seed(seed, step))
-
-
-class Progress:
-    """The progress of a long loop: a bar on a terminal; when stderr is a log (a file, CI, nohup), a plain
-    line every `every` seconds instead of redrawn frames."""
-
-    def __init__(self, total, desc, initial=0, enabled=True, every=10.0):
-        self.tty, self.enabled, self.every, self.desc = sys.stderr.isatty(), enabled, every, desc
-        self.n, self.total, self.last, self.postfix = initial, total, time.perf_counter(), {}
-        self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True,
-                        disable=not (enabled and self.tty))
-
-    def update(self, n=1, **postfix):
-        self.n, self.postfix = self.n + n, postfix
-        if self.tty:
-            self.bar.set_postfix(postfix, refresh=False)
-            self.bar.update(n)
-        elif self.enabled and (time.perf_counter() - self.last >= self.every or self.n == self.total):
-            self.last = time.perf_counter()
-            print(f"{self.desc}: {self.n}/{self.total} " + " ".join(f"{k} {v}" for k, v in postfix.items()),
-                  file=sys.stderr, flush=True)
-
-    def write(self, line):
-        if self.enabled:
-            self.bar.write(line) if self.tty else print(line, flush=True)
-
-    def close(self):
-        self.bar.close()
-
-
-def save_checkpoint(path, **state):
-    """torch.save, atomically."""
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
-
-
-def load_checkpoint(path):
-    check(os.path.isfile(path), f"checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"checkpoint {path} is corrupt or not a checkpoint of this project "
-                        f"({type(e).__name__}); delete it and train again") from None
-    check(isinstance(ckpt, dict) and "model" in ckpt, f"checkpoint {path} holds no model; delete it and train again")
-    return ckpt
-
+# 6. A GPT from a checkpoint of any stage; its FLOPs per token
 
 def build_model(config, state, path):
     """A GPT of this config holding these weights; a mismatch is a clear error, not a traceback."""
@@ -851,231 +667,15 @@ def build_model(config, state, path):
     return model
 
 
-class Finished(Exception):
-    """--resume on a run that already finished: run_main prints its metrics and exits 0."""
-
-
-_claimed = set()
-
-
-def claim_out_dir(out_dir):
-    """Before any work: out_dir is a writable directory with room for checkpoints, and no other run uses
-    it (a lock file holding the process id, removed at exit; only rank 0 takes it)."""
-    if out_dir in _claimed or rank() != 0:
-        return
-    check(not os.path.exists(out_dir) or os.path.isdir(out_dir), f"--out_dir {out_dir} is a file: give a directory")
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"--out_dir {out_dir} cannot be created ({e.strerror}): give another --out_dir") from None
-    lock = os.path.join(out_dir, ".lock")
-    busy = f"another run is using --out_dir {out_dir}: wait for it to finish or give another --out_dir"
-    for _ in range(2):
-        try:  # creating the lock is also the test that the directory is writable
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            break
-        except FileExistsError:
-            pid = int(open(lock).read().strip() or 0)
-            check(pid, busy)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, 0)  # raises if there is no such process: the lock is stale
-                raise UserError(busy.replace("another run", f"another run (process {pid})"))
-            remove_quietly(lock)
-        except OSError as e:
-            raise UserError(f"--out_dir {out_dir} is not writable ({e.strerror}): give another --out_dir") from None
-    else:
-        raise UserError(busy)
-    os.write(fd, str(os.getpid()).encode())
-    os.close(fd)
-    atexit.register(remove_quietly, lock)
-    free = shutil.disk_usage(out_dir).free
-    check(free >= 64 * 2**20, f"--out_dir {out_dir} has {free / 2**20:.0f} MiB free, too little for checkpoints: "
-          "free some space or give another --out_dir")
-    _claimed.add(out_dir)
-
-
-def first_difference(want, have, prefix=""):
-    """The first field (dotted name, wanted, found) where the nested dict `have` differs from `want`, or None.
-    Only the keys of `want` are compared."""
-    for key, value in want.items():
-        found = have.get(key, "missing") if isinstance(have, dict) else "missing"
-        if isinstance(value, dict) and isinstance(found, dict):
-            diff = first_difference(value, found, f"{prefix}{key}.")
-            if diff:
-                return diff
-        elif found != value:
-            return f"{prefix}{key}", value, found
-    return None
-
-
-# what a resumed run may change: where it runs and how often it validates, not what it computes
-RESUME_MAY_CHANGE = ("device", "compile", "out_dir", "resume", "overwrite", "eval_interval", "eval_batches")
-
-
-def claim_checkpoint(path, cfg, meta=None):
-    """Before a stage trains into `path`: out_dir checked and locked; an existing checkpoint is never lost
-    silently (--resume continues it, or prints its metrics when it finished; --overwrite replaces it); a
-    resumed one must have been built with the same `meta` (the model's config and the stage's settings) and
-    trained with the same TrainConfig but for RESUME_MAY_CHANGE, so that it continues exactly."""
-    claim_out_dir(os.path.dirname(path) or ".")
-    if not os.path.exists(path) or cfg.overwrite:
-        return
-    ckpt = load_checkpoint(path)
-    stopped = f"stopped at step {ckpt.get('step')} of {ckpt.get('max_steps')}"
-    if not cfg.resume:
-        raise UserError(f"{path} holds a run {'that finished' if ckpt.get('finished') else stopped}: --resume "
-                        f"{'prints its metrics' if ckpt.get('finished') else 'continues it'}, --overwrite trains "
-                        "from scratch over it")
-    if ckpt.get("finished"):
-        raise Finished(f"{path} finished at step {ckpt.get('step')}; its metrics: "
-                       f"{json.dumps(finite_or_none(ckpt.get('metrics', {})))}")
-    want = {k: v for k, v in (meta or {}).items() if k != "built_from"}
-    want["train_config"] = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUME_MAY_CHANGE}
-    diff = first_difference(want, ckpt)
-    check(not diff, diff and f"cannot resume {path}: it was built with {diff[0].replace('train_config.', '--')}="
-          f"{diff[2]!r}, this run asks for {diff[1]!r}; resume with the same settings, or start again with --overwrite")
-
-
-def provenance(ckpt):
-    """What a checkpoint records of itself, for the checkpoints built from it: its identity (the stage, the
-    model's config, the stage's settings), its training config and what it was built from."""
-    return {k: v for k, v in ckpt.items() if k not in ("model", "critic", "optimizer", "scaler", "rng", "state")}
-
-
-def load_stage(path, stage, train_missing, device="cpu", requires=None, build=None):
-    """The model of an earlier stage's checkpoint, checked before use: the run must have finished, and match
-    `requires` (e.g. {"task": {"digits": 3}}). When it is missing, train_missing() trains it first, so any
-    script works on a fresh clone. build(ckpt, path) -> model, default a GPT. Returns (model, ckpt)."""
-    if not os.path.exists(path):
-        print(f"{path} not found: training that stage first")
-        train_missing()
-    ckpt = load_checkpoint(path)
-    where = f"--out_dir {os.path.dirname(path) or '.'}"
-    check("finished" in ckpt, f"{path} records nothing of how it was built (an earlier version of this project "
-          "wrote it): delete it and run again")
-    check(ckpt["finished"], f"{path} stopped at step {ckpt.get('step')} of {ckpt.get('max_steps')}: finish it "
-          f"with `python {stage}.py --resume {where}`, or delete it")
-    diff = first_difference(requires or {}, ckpt)
-    check(not diff, diff and f"{path} was built with {diff[0]}={diff[2]!r}, this run asks for {diff[1]!r}: delete "
-          f"it (or give another --out_dir) and run again, or run `python {stage}.py {where}` with that setting")
-    model = build(ckpt, path) if build else build_model(ckpt.get("config"), ckpt["model"], path)
-    return model.to(device), ckpt
-
-
-def inherit(defaults, cfg):
-    """An earlier stage's TrainConfig `defaults` with the settings of this run that must carry over to it."""
-    return dataclasses.replace(defaults, **{k: getattr(cfg, k) for k in ("out_dir", "device", "dtype", "seed",
-                                                                          "compile")})
+def model_from_checkpoint(ckpt, path):
+    """The GPT a loaded checkpoint dict holds (train.load_stage's `build` for every stage with a GPT)."""
+    return build_model(ckpt.get("config"), ckpt["model"], path)
 
 
 def load_model(path, device="cpu"):
     """A GPT from any stage's checkpoint: returns (model, checkpoint dict)."""
     ckpt = load_checkpoint(path)
-    return build_model(ckpt.get("config"), ckpt["model"], path).to(device), ckpt
-
-
-# ----------------------------------------------------------------------------------------------
-# 7. The training loop: its pieces in Trainer, the plain loop over batches in train()
-
-@dataclass(frozen=True)
-class TrainConfig:
-    max_steps: int = arg(1600, "optimizer steps")
-    max_seconds: float = arg(0.0, "stop after this many seconds of training, the schedule compressed to fit "
-                                  "(0 = no limit): for comparisons at equal wall time")
-    batch_size: int = arg(16, "sequences per micro-batch (per process)")
-    grad_accum: int = arg(1, "micro-batches per optimizer step")
-    lr: float = arg(3e-3, "peak learning rate")
-    min_lr: float = arg(3e-4, "learning rate at the end of the cosine decay")
-    warmup_steps: int = arg(50, "linear warmup steps")
-    weight_decay: float = arg(0.1, "AdamW weight decay, on matrices only")
-    beta1: float = arg(0.9, "AdamW beta1")
-    beta2: float = arg(0.95, "AdamW beta2")
-    grad_clip: float = arg(1.0, "clip the gradient norm to this (0 = off)")
-    eval_interval: int = arg(400, "validate and checkpoint every this many steps")
-    eval_batches: int = arg(64, "batches per validation")
-    dtype: str = arg("auto", "auto | float32 | bfloat16 | float16 (auto: bf16 on GPU, fp32 on CPU)")
-    device: str = arg("auto", "auto | cpu | cuda | cuda:N")
-    compile: str = arg("auto", "torch.compile: auto (on for CUDA) | on | off")
-    seed: int = arg(1337, "random seed")
-    out_dir: str = arg("out", "where checkpoints and metrics go")
-    resume: bool = arg(False, "continue from the stage's checkpoint in out_dir (a finished one: print its metrics)")
-    overwrite: bool = arg(False, "train from scratch over the stage's existing checkpoint in out_dir")
-
-    def __post_init__(self):
-        for name in ("max_steps", "batch_size", "grad_accum", "eval_interval", "eval_batches"):
-            check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_seconds", "warmup_steps", "weight_decay", "grad_clip"):
-            check(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
-        check(self.lr > 0 and 0 <= self.min_lr <= self.lr,
-              f"need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
-        check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, f"beta1 and beta2 must be in [0, 1), got {self.beta1}, "
-              f"{self.beta2}")
-        check_choice(self, "dtype", ("auto", *DTYPES))
-        check_choice(self, "compile", ("auto", "on", "off"))
-        check_device(self.device)
-        check(not (self.resume and self.overwrite), "--resume continues the checkpoint, --overwrite replaces it: "
-              "choose one")
-
-
-def lr_at(step, cfg, seconds=0.0):
-    """Linear warmup to lr, then cosine decay to min_lr at the end of the budget: max_steps, or
-    max_seconds of training when that comes first."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
-    if cfg.max_seconds:
-        progress = max(progress, seconds / cfg.max_seconds)
-    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * min(1.0, progress))) * (cfg.lr - cfg.min_lr)
-
-
-def make_optimizer(groups, cfg, device):
-    """AdamW (Loshchilov & Hutter 2019) over groups [(module, lr_scale), ...]: a module's trainable parameters
-    learn at lr_scale times the schedule; weight decay on matrices (dim >= 2) only, never on norms, biases
-    or gains."""
-    param_groups = []
-    for module, scale in groups:
-        params = [p for p in module.parameters() if p.requires_grad]
-        param_groups += [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay,
-                          "lr_scale": scale},
-                         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "lr_scale": scale}]
-    return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                             fused=torch.device(device).type == "cuda")
-
-
-class Processes:
-    """torchrun's environment: rank, world size, and the process group (NCCL on GPUs, gloo on CPU)."""
-
-    def __init__(self, device):
-        self.world, self.rank = int(os.environ.get("WORLD_SIZE", 1)), rank()
-        self.local_rank, self.device = int(os.environ.get("LOCAL_RANK", 0)), device
-        if self.world > 1:
-            if not dist.is_initialized():
-                dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-            if device.startswith("cuda"):
-                self.device = f"cuda:{self.local_rank}"
-                torch.cuda.set_device(self.device)
-        self.master = self.rank == 0
-
-
-# dense bf16 TFLOP/s by device name, the first key found in the name wins ("NVIDIA H100 80GB HBM3" is the SXM)
-PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 989.0,
-                    "GH200": 989.0, "B200": 2250.0, "A100": 312.0, "A10G": 125.0, "A10": 125.0, "L40S": 362.0,
-                    "L4": 121.0, "RTX 4090": 165.0, "RTX 3090": 71.0, "V100": 125.0, "T4": 65.0}
-
-
-def device_peak_flops(device):
-    """Dense bf16 (fp16 on pre-Ampere) peak of this GPU from its name; if unknown, a measured matmul."""
-    name = torch.cuda.get_device_name(device)
-    for key, tflops in PEAK_BF16_TFLOPS.items():
-        if key in name:
-            return tflops * 1e12, name
-    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    torch.cuda.synchronize(device)
-    t = time.perf_counter()
-    for _ in range(10):
-        a @ a
-    torch.cuda.synchronize(device)
-    return 10 * 2 * 8192 ** 3 / (time.perf_counter() - t), name + " (measured matmul peak)"
+    return model_from_checkpoint(ckpt, path).to(device), ckpt
 
 
 def flops_per_token(model, T):
@@ -1091,196 +691,8 @@ def flops_per_token(model, T):
     return 6 * n + 12 * cfg.n_layer * cfg.n_embd * T
 
 
-class Trainer:
-    """The pieces of a training run that every stage shares: device and DDP, the optimizer and its schedule
-    (param groups [(module, lr_scale)]), precision, exact resume, validation, checkpoints and the progress
-    line. train() below is the plain loop over batches; ppo.py writes its rollout loop from the same pieces.
-
-    The checkpoint at ckpt_path holds the state_dicts of `saved` ({"model": model} unless given), `meta`
-    (the stage's identity: its config, the configs of what it was built from), the optimizer, the step,
-    `state` (whatever else the stage's loop needs to resume) and whether the run finished. `unit` names
-    what the loss functions count in their stats (tokens, samples): its rate is the throughput, measured
-    after the first steps (compile and warm-up), and with flops_per_unit on a GPU the MFU. train_mode=False
-    keeps the model in eval mode while it trains: no dropout and no MoE capacity, so the policy that is scored
-    is the one that generate() sampled (the alignment stages, as TRL's disable_dropout)."""
-
-    active = None  # the run in progress, for run_main's Ctrl-C line
-
-    def __init__(self, model, cfg, ckpt_path=None, meta=None, groups=None, saved=None, unit="tokens",
-                 flops_per_unit=0, desc="train", train_mode=True):
-        self.cfg, self.desc, self.unit, self.flops_per_unit = cfg, desc, unit, flops_per_unit
-        self.procs = Processes(pick_device(cfg.device))
-        self.device = self.procs.device
-        torch.manual_seed(cfg.seed + self.procs.rank)
-        self.model = model.to(self.device)
-        self.optimizer = make_optimizer(groups or [(model, 1.0)], cfg, self.device)
-        self.dtype = autocast_dtype(self.device, cfg.dtype)
-        # fp16 needs loss scaling (notes 7; Micikevicius et al. 2018), on whichever device it runs
-        self.scaler = torch.amp.GradScaler(torch.device(self.device).type, enabled=self.dtype == torch.float16)
-        self.ckpt_path, self.meta, self.saved = ckpt_path, meta or {}, saved or {"model": model}
-        self.step, self.saved_step, self.train_seconds, self.state, self.metrics = 0, None, 0.0, {}, {}
-        if ckpt_path:
-            claim_checkpoint(ckpt_path, cfg, self.meta)
-            if cfg.resume and os.path.exists(ckpt_path):
-                self.resume()
-        if self.procs.master:
-            print(f"{desc}: {sum(p.numel() for p in model.parameters()):,} parameters, device {self.device}, compute "
-                  f"dtype {str(self.dtype).replace('torch.', '')}, {self.procs.world} process(es)")
-        self.net = model
-        if self.procs.world > 1:
-            self.net = nn.parallel.DistributedDataParallel(model, device_ids=[self.procs.local_rank]
-                                                           if "cuda" in self.device else None)
-        if cfg.compile == "on" or (cfg.compile == "auto" and self.device.startswith("cuda")):
-            self.net = torch.compile(self.net)
-        self.peak = device_peak_flops(self.device) if self.device.startswith("cuda") and flops_per_unit else None
-        self.history, self.warm, self.units, self.unit_seconds = [], 0, 0, 0.0
-        self.t0 = time.perf_counter()
-        self.bar = Progress(cfg.max_steps, desc, initial=self.step, enabled=self.procs.master)
-        self.train_mode = train_mode
-        model.train(train_mode)
-        Trainer.active = self
-
-    def resume(self):
-        ckpt = load_checkpoint(self.ckpt_path)
-        try:
-            for name, module in self.saved.items():
-                module.load_state_dict(ckpt[name])
-            self.optimizer.load_state_dict(ckpt["optimizer"])
-            self.scaler.load_state_dict(ckpt["scaler"])
-            torch.set_rng_state(ckpt["rng"])
-            self.step, self.train_seconds, self.state = ckpt["step"], ckpt["train_seconds"], ckpt["state"]
-        except (KeyError, ValueError, RuntimeError) as e:
-            raise UserError(f"cannot resume from {self.ckpt_path}: it lacks or mismatches what resuming needs "
-                            f"({str(e).splitlines()[0][:120]}); start again with --overwrite") from None
-        self.saved_step, self.metrics = self.step, ckpt.get("metrics", {})
-        if self.procs.master:
-            print(f"resuming {self.ckpt_path} at step {self.step}")
-
-    @property
-    def done(self):
-        out_of_time = self.cfg.max_seconds and self.train_seconds >= self.cfg.max_seconds
-        return self.step >= self.cfg.max_steps or bool(out_of_time)
-
-    def optimizer_step(self, loss_of, extra=None):
-        """One optimizer step: loss_of(micro) -> (loss, stats) for micro = 0..grad_accum-1, with the stats
-        floats (averaged for the progress line) and stats[unit] the units that micro-batch processed; extra:
-        figures of the batch as a whole (a rollout's) shown before them. The loss is scaled for accumulation
-        and fp16, the gradient all-reduced (DDP) on the last micro-batch and clipped. Returns (loss, stats)."""
-        cfg, t = self.cfg, time.perf_counter()
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr_at(self.step, cfg, self.train_seconds) * group["lr_scale"]
-        loss_sum, sums = 0.0, {}
-        for micro in range(cfg.grad_accum):
-            sync = self.procs.world == 1 or micro == cfg.grad_accum - 1  # DDP all-reduces on the last one
-            with (contextlib.nullcontext() if sync else self.net.no_sync()), autocast(self.device, cfg.dtype):
-                loss, stats = loss_of(micro)
-            self.scaler.scale(loss / cfg.grad_accum).backward()
-            loss_sum += loss.item() / cfg.grad_accum
-            for k, v in stats.items():
-                sums[k] = sums.get(k, 0.0) + v
-        if not math.isfinite(loss_sum):
-            raise UserError(f"the loss became {loss_sum} at step {self.step}: lower --lr (now {cfg.lr}) or use "
-                            f"--dtype float32; {self.kept()}")
-        if cfg.grad_clip > 0:
-            self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        seconds = time.perf_counter() - t
-        self.train_seconds += seconds
-        n = sums.pop(self.unit, 0) * self.procs.world
-        self.warm += 1
-        if self.warm > min(20, cfg.max_steps // 5):  # steady state: after compile, autotuning and warm-up
-            self.units, self.unit_seconds = self.units + n, self.unit_seconds + seconds
-        stats = {**(extra or {}), **{k: v / cfg.grad_accum for k, v in sums.items()}}
-        self.history.append(loss_sum)
-        postfix = {"loss": f"{loss_sum:.4f}", f"{self.unit}/s": f"{self.rate():,.0f}",
-                   **{k: f"{v:.3g}" for k, v in stats.items()}}
-        if self.peak:
-            postfix["mfu"] = f"{self.mfu():.1%}"
-        self.bar.update(1, **postfix)
-        self.last_stats = stats
-        return loss_sum, stats
-
-    def rate(self):
-        return self.units / self.unit_seconds if self.unit_seconds else 0.0
-
-    def mfu(self):
-        """Model FLOPs utilisation: achieved FLOP/s over the peak of every process's GPU (PaLM's MFU)."""
-        return self.rate() * self.flops_per_unit / (self.peak[0] * self.procs.world)
-
-    def due(self, since=None):
-        """Whether to validate now: a multiple of eval_interval was passed since step `since` (default: the
-        step before this one), or the run is done."""
-        since = self.step - 1 if since is None else since
-        return self.step // self.cfg.eval_interval > since // self.cfg.eval_interval or self.done
-
-    def validate(self, evaluate=None):
-        """evaluate(model) -> metrics on rank 0 (no gradients, the training precision), printed with the
-        latest training stats, then a checkpoint. A non-finite validation loss never reaches the checkpoint."""
-        if evaluate and self.procs.master:
-            self.model.eval()
-            with torch.no_grad(), autocast(self.device, self.cfg.dtype):
-                metrics = evaluate(self.model)
-            self.model.train(self.train_mode)
-            bad = [k for k, v in metrics.items() if k.endswith("loss") and not math.isfinite(v)]
-            check(not bad, f"validation {bad and bad[0]} became {bad and metrics[bad[0]]} at step {self.step}: "
-                  f"lower --lr (now {self.cfg.lr}) or use --dtype float32; {self.kept()}")
-            self.metrics = metrics
-            self.bar.write(f"step {self.step}: train loss {self.history[-1]:.4f} " + " ".join(
-                f"{k} {v:.4f}" for k, v in {**metrics, **self.last_stats}.items() if isinstance(v, (int, float))))
-        self.checkpoint()
-
-    def checkpoint(self):
-        if self.ckpt_path and self.procs.master:
-            save_checkpoint(self.ckpt_path, **{k: m.state_dict() for k, m in self.saved.items()}, **self.meta,
-                            optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(), step=self.step,
-                            max_steps=self.cfg.max_steps, rng=torch.get_rng_state(), state=self.state,
-                            metrics=self.metrics, train_seconds=self.train_seconds, finished=self.done,
-                            train_config=dataclasses.asdict(self.cfg))
-            self.saved_step = self.step
-
-    def kept(self):
-        if self.saved_step is None:
-            return "no checkpoint was written" if self.ckpt_path else "nothing is saved"
-        return f"{self.ckpt_path} from step {self.saved_step} is kept, `--resume` continues it"
-
-    def interrupted(self):
-        return f"{self.desc} stopped at step {self.step} of {self.cfg.max_steps}; {self.kept()}"
-
-    def finish(self):
-        """The run's figures: mean train loss of the last tenth of the steps, the last validation metrics,
-        throughput and times."""
-        self.bar.close()
-        recent = self.history[-max(1, len(self.history) // 10):]
-        result = {"train_loss": sum(recent) / len(recent) if recent else float("nan"), **self.metrics,
-                  f"{self.unit}_per_sec": self.rate(), "train_seconds": self.train_seconds,
-                  "wall_seconds": time.perf_counter() - self.t0, "steps": self.step}
-        if self.peak:
-            result.update(mfu=self.mfu(), device_name=self.peak[1])
-        if self.procs.world > 1:
-            dist.barrier()
-        Trainer.active = None
-        return result
-
-
-def train(model, cfg, get_batch, loss_fn, evaluate=None, ckpt_path=None, meta=None, **trainer_kw):
-    """The loop of every stage that is "batches -> loss": get_batch(i) -> the i-th micro-batch of this process
-    (a pure function of i, so a resumed run sees exactly the data it would have seen); loss_fn(net, batch)
-    -> (loss, stats); evaluate(model) -> metrics every eval_interval steps and at the end. Returns the
-    Trainer's figures."""
-    run = Trainer(model, cfg, ckpt_path, meta, **trainer_kw)
-    while not run.done:
-        run.optimizer_step(lambda micro: loss_fn(run.net, get_batch(run.step * cfg.grad_accum + micro)))
-        if run.due():
-            run.validate(evaluate)
-    return run.finish()
-
-
 # ----------------------------------------------------------------------------------------------
-# 8. Pretraining on a built-in corpus: the Python standard library's own source files
+# 7. Pretraining on a built-in corpus: the Python standard library's own source files
 
 @dataclass(frozen=True)
 class DataConfig:

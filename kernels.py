@@ -33,9 +33,7 @@ per-channel scale S = fp8 max / amax, and `fp8_matmul` computes X W^T as FP8GEMM
 on the FP8 tensor cores (torch._scaled_mm) where the GPU has them, emulated elsewhere.
 `python kernels.py --fp8` prints the error of per-tensor against per-channel scaling on loud and quiet rows.
 """
-import argparse
 import contextlib
-import dataclasses
 import functools
 import io
 import itertools
@@ -46,11 +44,13 @@ import re
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
+
+from train import UserError, arg, check, claim_out_dir, parse_args, print_table, run_main, write_metrics
 
 if __name__ == "__main__" and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # no GPU: run the kernels in Triton's CPU interpreter
@@ -542,7 +542,7 @@ def select_path(q, k, v, causal=True, mask=None, dropout_p=0.0):
     """(path, reason) for this call under ATTN_IMPL."""
     impl = os.environ.get("ATTN_IMPL", "auto")
     if impl not in IMPLS:
-        raise ValueError(f"ATTN_IMPL={impl!r} is not one of {IMPLS}")
+        raise UserError(f"ATTN_IMPL={impl!r} is not one of {IMPLS}")
     if impl in ("sdpa", "reference"):
         return impl, "ATTN_IMPL"
     why_not = flash_unsupported(q, k, v, causal, mask, dropout_p)
@@ -864,35 +864,32 @@ def fp8_report(device, n=64, d_in=256, d_out=64, n_loud=4, ratios=(1e2, 1e3, 1e5
 
 @dataclass
 class KernelsConfig:
-    batch_tokens: int = field(default=16384, metadata={"help": "benchmark batch: B = batch_tokens // T"})
-    n_head: int = field(default=16, metadata={"help": "benchmark query heads"})
-    kv_heads: str = field(default="16,4", metadata={"help": "benchmark key/value head counts (n_head: MHA, "
-                                                             "fewer: GQA)"})
-    seq_lens: str = field(default="1024,2048,4096,8192", metadata={"help": "benchmark sequence lengths"})
-    head_dims: str = field(default="64,128", metadata={"help": "benchmark head dims"})
-    fp32: bool = field(default=False, metadata={"help": "on a GPU, check the kernel in fp32 too (IEEE fp32 dots "
-                                                        "without tensor cores: minutes of compiling)"})
-    compile_check: bool = field(default=False, metadata={"help": "only the compile check: every kernel and tile "
-                                                                 "for sm_90 and sm_80, no GPU needed"})
-    out_dir: str = field(default="out", metadata={"help": "where kernels_metrics.json goes"})
-    fp8: bool = field(default=False, metadata={"help": "instead: the FP8 report (notes 7), per-tensor vs "
-                                                       "per-channel scaled matmul error, to kernels_fp8_metrics.json"})
+    batch_tokens: int = arg(16384, "benchmark batch: B = batch_tokens // T")
+    n_head: int = arg(16, "benchmark query heads")
+    kv_heads: str = arg("16,4", "benchmark key/value head counts (n_head: MHA, fewer: GQA)")
+    seq_lens: str = arg("1024,2048,4096,8192", "benchmark sequence lengths")
+    head_dims: str = arg("64,128", "benchmark head dims")
+    fp32: bool = arg(False, "on a GPU, check the kernel in fp32 too (IEEE fp32 dots without tensor cores: minutes "
+                            "of compiling)")
+    compile_check: bool = arg(False, "only the compile check: every kernel and tile for sm_90 and sm_80, no GPU "
+                                     "needed")
+    out_dir: str = arg("out", "where kernels_metrics.json goes")
+    fp8: bool = arg(False, "instead: the FP8 report (notes 7), per-tensor vs per-channel scaled matmul error, to "
+                           "kernels_fp8_metrics.json")
 
     def __post_init__(self):
         for name in ("kv_heads", "seq_lens", "head_dims"):
             try:
                 values = [int(x) for x in getattr(self, name).split(",")]
             except ValueError:
-                raise ValueError(f"--{name} {getattr(self, name)!r} is not a comma-separated list of "
-                                 "integers") from None
-            if min(values) < 1:
-                raise ValueError(f"--{name} must be positive, got {getattr(self, name)!r}")
-        if bad := [d for d in self.dims() if d not in FLASH_HEAD_DIMS]:
-            raise ValueError(f"--head_dims {bad} not supported by the kernel (supported: {FLASH_HEAD_DIMS})")
-        if self.batch_tokens < 1 or self.n_head < 1:
-            raise ValueError("--batch_tokens and --n_head must be positive")
-        if bad := [h for h in self.kvs() if self.n_head % h]:
-            raise ValueError(f"--kv_heads {bad} do not divide --n_head {self.n_head}")
+                raise UserError(f"--{name} {getattr(self, name)!r} is not a comma-separated list of "
+                                "integers") from None
+            check(min(values) >= 1, f"--{name} must be positive, got {getattr(self, name)!r}")
+        bad = [d for d in self.dims() if d not in FLASH_HEAD_DIMS]
+        check(not bad, f"--head_dims {bad} not supported by the kernel (supported: {FLASH_HEAD_DIMS})")
+        check(self.batch_tokens >= 1 and self.n_head >= 1, "--batch_tokens and --n_head must be positive")
+        bad = [h for h in self.kvs() if self.n_head % h]
+        check(not bad, f"--kv_heads {bad} do not divide --n_head {self.n_head}")
 
     def dims(self):
         return [int(x) for x in self.head_dims.split(",")]
@@ -904,93 +901,12 @@ class KernelsConfig:
         return [int(x) for x in self.kv_heads.split(",")]
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit status 2, as for any bad input (argparse adds the usage)
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
-def parse_config(argv=None):
-    """KernelsConfig's fields as --flags (--help lists them with their defaults); a bad value ends the
-    program with one line `error: ...` and exit status 2."""
-    parser = _Parser(description="Triton flash attention: check and benchmark",
-                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(KernelsConfig):
-        kind = dict(action=argparse.BooleanOptionalAction) if f.type in (bool, "bool") else dict(type=type(f.default))
-        parser.add_argument(f"--{f.name}", default=f.default, help=f.metadata.get("help", ""), **kind)
-    try:
-        cfg = KernelsConfig(**vars(parser.parse_args(argv)))
-        usable_out_dir(cfg.out_dir)
-        return cfg
-    except ValueError as e:
-        parser.error(str(e))
-
-
-def usable_out_dir(out_dir):
-    """Before any work: out_dir is a directory (made if missing) that takes files, so that the metrics written
-    at the end of a long check are not lost."""
-    if os.path.isfile(out_dir):
-        raise ValueError(f"--out_dir {out_dir} is a file: give a directory")
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        probe = os.path.join(out_dir, f".probe.{os.getpid()}")
-        open(probe, "w").close()
-        os.remove(probe)
-    except OSError as e:
-        raise ValueError(f"--out_dir {out_dir} is not writable ({e.strerror}): give another --out_dir") from None
-
-
-def print_table(title, rows):
-    """rows: (name, value) pairs, one per line under the title (every script's final table)."""
-    width = max(len(k) for k, _ in rows)
-    print(f"\n{title}")
-    for k, v in rows:
-        print(f"  {k:<{width}}  {f'{v:.4g}' if isinstance(v, float) else v}")
-
-
-def finite_or_none(x):
-    """Strict JSON: NaN and infinities become null, in nested dicts and lists too (json.dumps would write bare
-    NaN). gpt.py's metrics use it too."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: finite_or_none(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [finite_or_none(v) for v in x]
-    return x
-
-
-def write_metrics(stage, metrics, out_dir):
-    """One JSON line on stdout and out_dir/<stage>_metrics.json, written atomically (every script's metrics)."""
-    line = json.dumps(finite_or_none({"stage": stage, **metrics}), allow_nan=False)
-    print(line)
-    os.makedirs(out_dir, exist_ok=True)
-    atomic_write(os.path.join(out_dir, f"{stage}_metrics.json"), lambda tmp: open(tmp, "w").write(line + "\n"))
-
-
-def atomic_write(path, write):
-    """write(tmp) into a temporary file unique to this process, then rename it to path: a crash or a full
-    disk never leaves a half-written file, and the temporary file is removed on failure."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        remove_quietly(tmp)
-        raise
-
-
-def remove_quietly(path):
-    with contextlib.suppress(OSError):
-        os.remove(path)
-
-
 def rel_err(a, b):
     """max|a - b| / max|b|."""
     return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
 
-def check(device, dtype, cases, seed=0):
+def check_kernel(device, dtype, cases, seed=0):
     """Relative errors of the kernel's O, dQ, dK, dV against the float64 reference computed from the
     same (rounded) inputs, per case (B, H, Hkv, Tq, Tk, D, causal)."""
     rows = []
@@ -1150,12 +1066,11 @@ def _compile_summary(rows):
 
 
 def main(argv=None):
-    cfg = parse_config(argv)
+    cfg, = parse_args([KernelsConfig()], argv, description="Triton flash attention: check and benchmark")
+    claim_out_dir(cfg.out_dir)
     if cfg.fp8:
         return fp8_main(cfg)
-    if not HAS_TRITON:
-        print("error: triton is not installed: there is no kernel to check (pip install triton)", file=sys.stderr)
-        sys.exit(2)
+    check(HAS_TRITON, "triton is not installed: there is no kernel to check (pip install triton)")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     name = (torch.cuda.get_device_name() if device == "cuda" else
             "CPU" + ", Triton interpreter" * (not cfg.compile_check))
@@ -1165,7 +1080,7 @@ def main(argv=None):
         for dtype in dtypes:
             start = time.perf_counter()
             try:
-                rows = check(device, dtype, GPU_CASES if device == "cuda" else CPU_CASES)
+                rows = check_kernel(device, dtype, GPU_CASES if device == "cuda" else CPU_CASES)
             except Exception as e:  # reported, and the benchmark still runs: it shows what else fails
                 print(f"\nthe {dtype} check failed: {_first_line(e)}")
                 metrics[f"error_{str(dtype).removeprefix('torch.')}"] = _first_line(e)
@@ -1212,4 +1127,4 @@ def fp8_main(cfg):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

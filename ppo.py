@@ -60,7 +60,9 @@ import torch.nn as nn
 import gpt
 import reward
 import sft
-from gpt import EOS, arg
+import train
+from gpt import EOS
+from train import arg
 
 
 def gae(rewards, values, dones, gamma, lam):
@@ -237,20 +239,20 @@ class PPOConfig:
     whiten_adv: bool = arg(True, "whiten the advantages over the rollout's response tokens")
 
     def __post_init__(self):
-        gpt.check_choice(self, "reward", ("rm", "true"))
-        gpt.check_choice(self, "kl_mode", ("shaping", "loss"))
-        gpt.check_choice(self, "kl_estimator", ("k1", "k3", "exact"))
-        gpt.check_choice(self, "reward_norm", ("none", "ref", "running", "batch"))
-        gpt.check_choice(self, "minibatch", ("tokens", "sequences"))
-        gpt.check(self.beta >= 0 and self.kl_target >= 0 and self.temperature > 0,
+        train.check_choice(self, "reward", ("rm", "true"))
+        train.check_choice(self, "kl_mode", ("shaping", "loss"))
+        train.check_choice(self, "kl_estimator", ("k1", "k3", "exact"))
+        train.check_choice(self, "reward_norm", ("none", "ref", "running", "batch"))
+        train.check_choice(self, "minibatch", ("tokens", "sequences"))
+        train.check(self.beta >= 0 and self.kl_target >= 0 and self.temperature > 0,
                   "need beta >= 0, kl_target >= 0 and temperature > 0")
-        gpt.check(min(self.epochs, self.minibatches, self.samples_per_prompt) >= 1,
+        train.check(min(self.epochs, self.minibatches, self.samples_per_prompt) >= 1,
                   "epochs, minibatches and samples_per_prompt must be >= 1")
-        gpt.check(0 <= self.gamma <= 1 and 0 <= self.lam <= 1 and 0 < self.clip_eps < 1,
+        train.check(0 <= self.gamma <= 1 and 0 <= self.lam <= 1 and 0 < self.clip_eps < 1,
                   "need gamma and lam in [0, 1] and clip_eps in (0, 1)")
-        gpt.check(self.value_clip >= 0 and self.critic_lr_scale > 0 and self.c_v >= 0 and self.c_e >= 0,
+        train.check(self.value_clip >= 0 and self.critic_lr_scale > 0 and self.c_v >= 0 and self.c_e >= 0,
                   "need value_clip >= 0, critic_lr_scale > 0, c_v >= 0 and c_e >= 0")
-        gpt.check(self.missing_eos_penalty >= 0, f"missing_eos_penalty must be >= 0, got {self.missing_eos_penalty}")
+        train.check(self.missing_eos_penalty >= 0, f"missing_eos_penalty must be >= 0, got {self.missing_eos_penalty}")
         gpt.check_sampling(self.temperature, self.top_k, self.top_p)
 
 
@@ -266,7 +268,7 @@ def rollout(model, ref, task, prompts, score, cfg, beta, generator, dtype="auto"
     ids, resp = sft.pack_generated(prompts, outs, device)
     mask = resp.float()
     m = resp.bool()
-    with gpt.autocast(device, dtype):  # the precision of the update, so that the first ratio is exactly 1
+    with train.autocast(device, dtype):  # the precision of the update, so that the first ratio is exactly 1
         logits, values = model(ids)
         old_logp, old_dist = gpt.shifted_logprobs(logits, ids, resp, cfg.temperature)
         ref_logp, ref_dist = gpt.shifted_logprobs(ref(ids), ids, resp, cfg.temperature)
@@ -347,7 +349,7 @@ def ppo_defaults():
     # batch_size: prompts per rollout; each rollout gives epochs * minibatches optimizer steps. 300 rollouts
     # (1200 steps) train in 63-75 s on two idle cores; 1600 steps took 80-97 s for about a point more (RESULTS.md)
     return (sft.TaskConfig(), PPOConfig(),
-            gpt.TrainConfig(max_steps=1200, batch_size=64, lr=3e-4, min_lr=3e-5, warmup_steps=10,
+            train.TrainConfig(max_steps=1200, batch_size=64, lr=3e-4, min_lr=3e-5, warmup_steps=10,
                             eval_interval=400, weight_decay=0.0))
 
 
@@ -355,13 +357,13 @@ def train_ppo(task, cfg, train_cfg):
     """The whole stage: SFT policy and reward model -> the nested PPO loop (rollout, then epochs, then
     minibatches of token steps or of responses), the before/after table and out_dir/ppo_metrics.json.
     Returns (policy, metrics)."""
-    gpt.check(train_cfg.grad_accum == 1, "PPO's minibatches are its accumulation: use --minibatches, not --grad_accum")
+    train.check(train_cfg.grad_accum == 1, "PPO's minibatches are its accumulation: use --minibatches, not --grad_accum")
     n = train_cfg.batch_size * cfg.samples_per_prompt
-    gpt.check(cfg.minibatches <= n, f"--minibatches {cfg.minibatches} is more than the {n} responses of a rollout "
+    train.check(cfg.minibatches <= n, f"--minibatches {cfg.minibatches} is more than the {n} responses of a rollout "
               "(batch_size x samples_per_prompt), so some minibatches would be empty: use fewer")
-    device = gpt.pick_device(train_cfg.device)
+    device = train.pick_device(train_cfg.device)
     path = os.path.join(train_cfg.out_dir, "ppo.pt")
-    gpt.claim_checkpoint(path, train_cfg)
+    train.claim_checkpoint(path, train_cfg)
     policy, sft_ckpt = sft.load_sft_policy(task, train_cfg, device)
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
     rm = reward.load_reward_stage(task, train_cfg, device).requires_grad_(False)
@@ -397,9 +399,9 @@ def train_ppo(task, cfg, train_cfg):
     with torch.no_grad():
         critic.head.bias.fill_(ref_moments.mean if cfg.reward_norm == "none" else 0.0)
     meta = {"stage": "ppo", "config": dataclasses.asdict(policy.cfg), "task": task.identity,
-            "ppo": dataclasses.asdict(cfg), "built_from": {"sft": gpt.provenance(sft_ckpt)}}
+            "ppo": dataclasses.asdict(cfg), "built_from": {"sft": train.provenance(sft_ckpt)}}
     # train_mode=False: the policy trains as it samples (no dropout, no MoE capacity), so the first ratio is 1
-    run = gpt.Trainer(model, train_cfg, path, meta, groups=[(policy, 1.0), (critic, cfg.critic_lr_scale)],
+    run = train.Trainer(model, train_cfg, path, meta, groups=[(policy, 1.0), (critic, cfg.critic_lr_scale)],
                       saved={"model": policy, "critic": critic}, desc="ppo", train_mode=False)
     run.state.setdefault("beta", cfg.beta)
     running = RunningMoments(run.state.get("reward_moments", ref_moments.state()))
@@ -415,7 +417,7 @@ def train_ppo(task, cfg, train_cfg):
         # counts its optimizer steps), so that --max_seconds compares PPO with other stages at equal wall time.
         t = time.perf_counter()
         k, start = run.step // (cfg.epochs * cfg.minibatches), run.step
-        rng = gpt.step_rng(train_cfg.seed, k)
+        rng = train.step_rng(train_cfg.seed, k)
         prompts = [p for p in sft.sample_prompts(task, train_cfg.batch_size, rng)
                    for _ in range(cfg.samples_per_prompt)]
         g = torch.Generator(device=device).manual_seed(rng.randrange(2 ** 31))
@@ -439,14 +441,14 @@ def train_ppo(task, cfg, train_cfg):
         if run.due(since=start):
             run.validate(lambda m: heldout(m.policy))
     m = sft.before_after(before, run.finish())
-    if gpt.rank() == 0:
-        gpt.print_table(f"PPO (reward={cfg.reward}, reward_norm={cfg.reward_norm}, beta={cfg.beta}, "
+    if train.rank() == 0:
+        train.print_table(f"PPO (reward={cfg.reward}, reward_norm={cfg.reward_norm}, beta={cfg.beta}, "
                         f"kl_mode={cfg.kl_mode}, kl_estimator={cfg.kl_estimator}, "
                         f"samples_per_prompt={cfg.samples_per_prompt}) on held-out prompts",
                         sft.before_after_rows(m) + [
                             ("reward model score, sampled", f"{m['before']['rm_score']:.3f} -> {m['rm_score']:.3f}"),
                             ("train seconds", m["train_seconds"])])
-        gpt.write_metrics("ppo", m, train_cfg.out_dir)
+        train.write_metrics("ppo", m, train_cfg.out_dir)
     return policy, m
 
 
@@ -467,8 +469,8 @@ def random_generator(rng):
 
 
 def main(argv=None):
-    train_ppo(*gpt.parse_args(list(ppo_defaults()), argv, description="RLHF with PPO"))
+    train_ppo(*train.parse_args(list(ppo_defaults()), argv, description="RLHF with PPO"))
 
 
 if __name__ == "__main__":
-    gpt.run_main(main)
+    train.run_main(main)

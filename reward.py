@@ -27,8 +27,10 @@ import torch.nn.functional as F
 
 import gpt
 import sft
-from gpt import EOS, UserError, arg
+import train
+from gpt import EOS
 from kernels import attention
+from train import UserError, arg
 
 # ----------------------------------------------------------------------------------------------
 # 1. Preference data
@@ -43,10 +45,10 @@ class PrefConfig:
     sample_temperature: float = arg(1.0, "temperature of the SFT policy's samples")
 
     def __post_init__(self):
-        gpt.check(self.tau > 0, f"tau must be > 0, got {self.tau}")
-        gpt.check(self.k >= 2, f"k must be >= 2, got {self.k}")
-        gpt.check(self.n_pairs >= 1 and self.n_eval >= 1, "n_pairs and n_eval must be >= 1")
-        gpt.check(self.sample_temperature > 0, f"sample_temperature must be > 0, got {self.sample_temperature}")
+        train.check(self.tau > 0, f"tau must be > 0, got {self.tau}")
+        train.check(self.k >= 2, f"k must be >= 2, got {self.k}")
+        train.check(self.n_pairs >= 1 and self.n_eval >= 1, "n_pairs and n_eval must be >= 1")
+        train.check(self.sample_temperature > 0, f"sample_temperature must be > 0, got {self.sample_temperature}")
 
 
 def bt_prob(r1, r2, tau):
@@ -73,7 +75,7 @@ def sample_responses(policy, task, prompts, k, temperature, seed, batch=256):
     device = next(policy.parameters()).device
     g = torch.Generator(device=device).manual_seed(seed)
     flat = [sft.prompt_tokens(a, b) for a, b in prompts for _ in range(k)]
-    out, bar = [], gpt.Progress(len(flat), "sampling", enabled=gpt.rank() == 0 and len(flat) > batch)
+    out, bar = [], train.Progress(len(flat), "sampling", enabled=train.rank() == 0 and len(flat) > batch)
     for i in range(0, len(flat), batch):
         out += [sft.strip_eos(o) for o in gpt.generate(policy, flat[i:i + batch], task.max_response_tokens,
                                                         temperature, generator=g)]
@@ -120,10 +122,10 @@ class RewardConfig:
     target_gap: float = arg(2.0, "MSE target gap t")
 
     def __post_init__(self):
-        gpt.check_choice(self, "pooling", ("last", "mean", "eos", "latent"))
-        gpt.check(self.n_latents >= 1, f"n_latents must be >= 1, got {self.n_latents}")
-        gpt.check_choice(self, "loss", ("bt", "hinge", "mse", "listwise"))
-        gpt.check(self.margin > 0 and self.target_gap > 0, f"margin and target_gap must be > 0, got {self.margin}, "
+        train.check_choice(self, "pooling", ("last", "mean", "eos", "latent"))
+        train.check(self.n_latents >= 1, f"n_latents must be >= 1, got {self.n_latents}")
+        train.check_choice(self, "loss", ("bt", "hinge", "mse", "listwise"))
+        train.check(self.margin > 0 and self.target_gap > 0, f"margin and target_gap must be > 0, got {self.margin}, "
                   f"{self.target_gap}")
 
 
@@ -264,13 +266,13 @@ def build_reward_model(ckpt, path):
 
 
 def load_reward_model(path, device="cpu"):
-    return build_reward_model(gpt.load_checkpoint(path), path).to(device).eval()
+    return build_reward_model(train.load_checkpoint(path), path).to(device).eval()
 
 
 def reward_defaults():
     """The configs of `python reward.py` (also what a later stage runs when out/reward.pt is missing)."""
     return (sft.TaskConfig(), PrefConfig(), RewardConfig(),
-            gpt.TrainConfig(max_steps=3000, batch_size=32, lr=3e-4, min_lr=3e-5, warmup_steps=30,
+            train.TrainConfig(max_steps=3000, batch_size=32, lr=3e-4, min_lr=3e-5, warmup_steps=30,
                             eval_interval=1000, weight_decay=0.0))
 
 
@@ -278,16 +280,16 @@ def load_reward_stage(task, train_cfg, device):
     """out_dir/reward.pt, checked to be finished and built for this task; trained first with this script's
     defaults (and the caller's task, seed, device, dtype) when it is missing. Returns the reward model."""
     _, pref, rcfg, defaults = reward_defaults()
-    rm, _ = gpt.load_stage(os.path.join(train_cfg.out_dir, "reward.pt"), "reward", lambda: train_reward(
-        task, pref, rcfg, gpt.inherit(defaults, train_cfg)), device, requires={"task": task.identity},
-        build=build_reward_model)
+    rm, _ = train.load_stage(os.path.join(train_cfg.out_dir, "reward.pt"), "reward", lambda: train_reward(
+        task, pref, rcfg, train.inherit(defaults, train_cfg)), build_reward_model, device,
+        requires={"task": task.identity})
     return rm.eval()
 
 
 def comparison_batches(data, batch_size, seed):
     """get_batch(i): batch_size comparisons drawn from data with step i's random stream."""
     def get_batch(i):
-        rng = gpt.step_rng(seed, i)
+        rng = train.step_rng(seed, i)
         return [data[rng.randrange(len(data))] for _ in range(batch_size)]
     return get_batch
 
@@ -295,12 +297,12 @@ def comparison_batches(data, batch_size, seed):
 def train_reward(task, pref, rcfg, train_cfg):
     """The whole stage: SFT policy -> comparisons -> reward model, the table and out_dir/reward_metrics.json.
     Returns (reward model, metrics)."""
-    device = gpt.pick_device(train_cfg.device)
+    device = train.pick_device(train_cfg.device)
     path = os.path.join(train_cfg.out_dir, "reward.pt")
-    gpt.claim_checkpoint(path, train_cfg)
+    train.claim_checkpoint(path, train_cfg)
     policy, sft_ckpt = sft.load_sft_policy(task, train_cfg, device)
     k = pref.k if rcfg.loss == "listwise" else 2
-    if gpt.rank() == 0:
+    if train.rank() == 0:
         print(f"sampling {pref.n_pairs} training and {pref.n_eval} held-out comparisons of {k} responses from the "
               "SFT policy")
     train_data = make_comparisons(policy, task, pref.n_pairs, k, pref.tau, pref.sample_temperature, train_cfg.seed)
@@ -325,9 +327,9 @@ def train_reward(task, pref, rcfg, train_cfg):
 
     meta = {"stage": "reward", "config": dataclasses.asdict(policy.cfg), "task": task.identity,
             "pref": dataclasses.asdict(pref), "reward_model": dataclasses.asdict(rcfg),
-            "built_from": {"sft": gpt.provenance(sft_ckpt)}}
+            "built_from": {"sft": train.provenance(sft_ckpt)}}
     get_batch = comparison_batches(train_data, train_cfg.batch_size, train_cfg.seed)
-    result = gpt.train(rm, train_cfg, get_batch, loss_fn, evaluate, path, meta, desc="reward")
+    result = train.train(rm, train_cfg, get_batch, loss_fn, evaluate, path, meta, desc="reward")
     # Normalise: mean reward 0 on the SFT policy's own samples (the bias absorbs the shift; BT is
     # invariant to it, problem set 4.3(c)(i)), then correlation with r* on fresh samples.
     rm.eval()
@@ -339,22 +341,22 @@ def train_reward(task, pref, rcfg, train_cfg):
     truth = torch.tensor([x for _, _, rs in fresh for x in rs])
     m = {**result, "noise_ceiling": ceiling, "reward_r_star_correlation": pearson(r.flatten().cpu(), truth).item(),
          "loss": rcfg.loss, "pooling": rcfg.pooling}
-    if gpt.rank() != 0:
+    if train.rank() != 0:
         return rm, m
-    gpt.save_checkpoint(path, **{**gpt.load_checkpoint(path), "model": rm.state_dict(), "optimizer": None})
-    gpt.print_table("reward model on held-out comparisons", [
+    train.save_checkpoint(path, **{**train.load_checkpoint(path), "model": rm.state_dict(), "optimizer": None})
+    train.print_table("reward model on held-out comparisons", [
         ("pairwise accuracy (labeller)", f"{m['pairwise_accuracy']:.1%}"),
         ("noise ceiling", f"{m['noise_ceiling']:.1%}"),
         ("accuracy vs noiseless r* order", f"{m['true_order_accuracy']:.1%}"),
         ("corr(reward, r*), fresh samples", m["reward_r_star_correlation"]),
         ("loss / pooling", f"{m['loss']} / {m['pooling']}"), ("train seconds", m["train_seconds"])])
-    gpt.write_metrics("reward", m, train_cfg.out_dir)
+    train.write_metrics("reward", m, train_cfg.out_dir)
     return rm, m
 
 
 def main(argv=None):
-    train_reward(*gpt.parse_args(list(reward_defaults()), argv, description="reward model on simulated preferences"))
+    train_reward(*train.parse_args(list(reward_defaults()), argv, description="reward model on simulated preferences"))
 
 
 if __name__ == "__main__":
-    gpt.run_main(main)
+    train.run_main(main)

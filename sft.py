@@ -28,7 +28,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import gpt
-from gpt import BOS, EOS, PAD, SEP, arg
+import train
+from gpt import BOS, EOS, PAD, SEP
+from train import arg
 
 # ----------------------------------------------------------------------------------------------
 # 1. The task: prompts, a sloppy demonstrator, the ground-truth scorer r*
@@ -42,10 +44,10 @@ class TaskConfig:
                           "held-out split when it is smaller)")
 
     def __post_init__(self):
-        gpt.check(1 <= self.digits <= 6, f"digits must be in 1..6, got {self.digits}")
-        gpt.check(0.0 <= self.slip <= 1.0, f"slip must be in [0, 1], got {self.slip}")
+        train.check(1 <= self.digits <= 6, f"digits must be in 1..6, got {self.digits}")
+        train.check(0.0 <= self.slip <= 1.0, f"slip must be in [0, 1], got {self.slip}")
         n = heldout_pairs(self.digits)
-        gpt.check(0 <= self.heldout <= n, f"heldout must be in 0..{n} (the held-out split of {self.digits}-digit "
+        train.check(0 <= self.heldout <= n, f"heldout must be in 0..{n} (the held-out split of {self.digits}-digit "
                   f"operands has {n} pairs), got {self.heldout}")
 
     @property
@@ -445,9 +447,9 @@ def apply_adapters(model, dim):
 def load_adapter_model(path, device="cpu"):
     """The model `python sft.py --adapter_dim N` saves (out_dir/sft_adapter.pt): the GPT rebuilt with its
     adapters, which cannot be merged into the weights. Returns (model, checkpoint dict)."""
-    ckpt = gpt.load_checkpoint(path)
+    ckpt = train.load_checkpoint(path)
     dim = ckpt.get("sft", {}).get("adapter_dim", 0)
-    gpt.check(dim, f"{path} holds no adapters: load it with gpt.load_model")
+    train.check(dim, f"{path} holds no adapters: load it with gpt.load_model")
     model = apply_adapters(gpt.GPT(gpt.GPTConfig(**ckpt["config"])), dim)
     model.load_state_dict(ckpt["model"])
     return model.to(device), ckpt
@@ -472,16 +474,16 @@ class SFTConfig:
                          "all from out_dir/gpt.pt, each into out_dir/seed_<N>, and print every run and the spread")
 
     def __post_init__(self):
-        gpt.check(self.lora_rank >= 0, f"lora_rank must be >= 0, got {self.lora_rank}")
-        gpt.check(self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha}")
-        gpt.check_choice(self, "lora_targets", ("qv", "all"))
-        gpt.check(not self.qlora or self.lora_rank, "--qlora trains LoRA on a 4-bit base: give it a rank, e.g. "
+        train.check(self.lora_rank >= 0, f"lora_rank must be >= 0, got {self.lora_rank}")
+        train.check(self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha}")
+        train.check_choice(self, "lora_targets", ("qv", "all"))
+        train.check(not self.qlora or self.lora_rank, "--qlora trains LoRA on a 4-bit base: give it a rank, e.g. "
                   "--lora_rank 16")
-        gpt.check(self.adapter_dim >= 0, f"adapter_dim must be >= 0, got {self.adapter_dim}")
-        gpt.check(not (self.adapter_dim and self.lora_rank), "choose one parameter-efficient method: --adapter_dim "
+        train.check(self.adapter_dim >= 0, f"adapter_dim must be >= 0, got {self.adapter_dim}")
+        train.check(not (self.adapter_dim and self.lora_rank), "choose one parameter-efficient method: --adapter_dim "
                   "or --lora_rank, not both")
-        gpt.check(not self.init or os.path.isfile(self.init), f"--init {self.init}: no such file")
-        gpt.check(all(x.strip().lstrip("-").isdigit() for x in self.seeds.split(",")) if self.seeds else True,
+        train.check(not self.init or os.path.isfile(self.init), f"--init {self.init}: no such file")
+        train.check(all(x.strip().lstrip("-").isdigit() for x in self.seeds.split(",")) if self.seeds else True,
                   f"--seeds {self.seeds!r}: give comma-separated integers, e.g. 0,1,2,3,4")
 
     def seed_list(self):
@@ -507,7 +509,7 @@ def sft_loss(model, ids, target):
 def sft_batches(task, batch_size, seed):
     """get_batch(i): batch_size training prompts with the demonstrator's responses, from step i's stream."""
     def get_batch(i):
-        rng = gpt.step_rng(seed, i)
+        rng = train.step_rng(seed, i)
         prompts = sample_prompts(task, batch_size, rng)
         responses = [gpt.encode(demonstrate(a, b, task.slip, rng)) for a, b in prompts]
         return pack(prompts, responses)
@@ -528,7 +530,7 @@ def apply_peft(model, sft_cfg):
     if sft_cfg.template_tokens and (sft_cfg.lora_rank or sft_cfg.adapter_dim):
         train_template_tokens(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if gpt.rank() == 0:
+    if train.rank() == 0:
         print(f"{sft_cfg.method()}: {trainable:,} trainable of {params:,} parameters ({trainable / params:.2%})")
     nf4 = [m for m in model.modules() if isinstance(m, NF4Linear)]
     stored = sum(m.nbytes() for m in nf4) if nf4 else 4 * n_linear
@@ -570,14 +572,14 @@ def finetune(model, task, sft_cfg, train_cfg, built_from=None):
     path = checkpoint_path(sft_cfg, train_cfg)
     meta = {"stage": "sft", "config": config, "task": task.identity, "sft": dataclasses.asdict(sft_cfg),
             "built_from": built_from or {}}
-    result = gpt.train(model, train_cfg, sft_batches(task, train_cfg.batch_size, train_cfg.seed), loss_fn,
+    result = train.train(model, train_cfg, sft_batches(task, train_cfg.batch_size, train_cfg.seed), loss_fn,
                        evaluate, path, meta, desc="sft")
     result = {**result, **stats, "checkpoint": path}
     if sft_cfg.lora_rank or sft_cfg.adapter_dim:
         merge_lora(model)  # LoRA, NF4 and the token rows merge exactly; adapters stay
-        if gpt.rank() == 0:
-            ckpt = gpt.load_checkpoint(path)  # the finished run, its weights replaced by the merged ones
-            gpt.save_checkpoint(path, **{**ckpt, "model": model.state_dict(), "optimizer": None})
+        if train.rank() == 0:
+            ckpt = train.load_checkpoint(path)  # the finished run, its weights replaced by the merged ones
+            train.save_checkpoint(path, **{**ckpt, "model": model.state_dict(), "optimizer": None})
             print(f"saved {path}: " + (
                 "adapters cannot be merged into the weights (the bottleneck is nonlinear), read it with "
                 "sft.load_adapter_model; sft.pt, where the later stages start, is unchanged" if sft_cfg.adapter_dim else
@@ -590,7 +592,7 @@ def sft_defaults():
     sweep (RESULTS.md): the model learns addition in a sudden transition whose timing varies with the seed and the
     pretrained model. With batch 32 at lr 3e-3 it came after step 3000 in 4 of 10 runs; batch 64 at lr 2e-3 halves
     the gradient noise at a step size that stays stable, and the transition comes by step 1500 in most runs."""
-    return TaskConfig(), SFTConfig(), gpt.TrainConfig(max_steps=3000, batch_size=64, lr=2e-3, min_lr=2e-4,
+    return TaskConfig(), SFTConfig(), train.TrainConfig(max_steps=3000, batch_size=64, lr=2e-3, min_lr=2e-4,
                                                       warmup_steps=50, eval_interval=1000, weight_decay=0.0)
 
 
@@ -600,20 +602,20 @@ LEARNT = 0.85  # greedy held-out accuracy below which the model is short of its 
 def train_sft(task, sft_cfg, train_cfg):
     """The whole stage: load (or pretrain) the base model, fine-tune, report: the table, the guard against a
     model that has not learnt the task, out_dir/sft_metrics.json. Returns (model, metrics)."""
-    device = gpt.pick_device(train_cfg.device)
-    gpt.claim_checkpoint(checkpoint_path(sft_cfg, train_cfg), train_cfg)
+    device = train.pick_device(train_cfg.device)
+    train.claim_checkpoint(checkpoint_path(sft_cfg, train_cfg), train_cfg)
     if sft_cfg.init:
         model, ckpt = gpt.load_model(sft_cfg.init, device)
     else:
         model_cfg, defaults, data_cfg = gpt.pretrain_defaults()
-        model, ckpt = gpt.load_stage(os.path.join(train_cfg.out_dir, "gpt.pt"), "gpt", lambda: gpt.pretrain_and_report(
-            model_cfg, gpt.inherit(defaults, train_cfg), data_cfg), device)
+        model, ckpt = train.load_stage(os.path.join(train_cfg.out_dir, "gpt.pt"), "gpt", lambda: gpt.pretrain_and_report(
+            model_cfg, train.inherit(defaults, train_cfg), data_cfg), gpt.model_from_checkpoint, device)
     before = evaluate_policy(model, task)
-    model, m = finetune(model, task, sft_cfg, train_cfg, {ckpt.get("stage", "init"): gpt.provenance(ckpt)})
+    model, m = finetune(model, task, sft_cfg, train_cfg, {ckpt.get("stage", "init"): train.provenance(ckpt)})
     m["before"] = before
-    if gpt.rank() != 0:
+    if train.rank() != 0:
         return model, m
-    gpt.print_table("SFT on held-out prompts", [
+    train.print_table("SFT on held-out prompts", [
         ("exact match, greedy, 95% CI", f"{percent_ci(m['before'], 'accuracy')} -> {percent_ci(m, 'accuracy')}"),
         ("exact match, sampled (T=1), 95% CI", f"{percent_ci(m['before'], 'sample_accuracy')} -> "
                                               f"{percent_ci(m, 'sample_accuracy')}"),
@@ -631,7 +633,7 @@ def train_sft(task, sft_cfg, train_cfg):
         print(f"\nwarning: the fine-tuned model has not learnt the task fully ({m['accuracy']:.1%} greedy held-out "
               f"accuracy, below {LEARNT:.0%}); the alignment stages would start from it. Train it further: "
               f"python sft.py --init {m['checkpoint']} --overwrite --out_dir {train_cfg.out_dir}")
-    gpt.write_metrics("sft", m, train_cfg.out_dir)
+    train.write_metrics("sft", m, train_cfg.out_dir)
     return model, m
 
 
@@ -640,8 +642,9 @@ def load_sft_policy(task, train_cfg, device):
     task; fine-tuned first with this script's defaults (and the caller's task, seed, device, dtype) when
     missing. Returns (model, checkpoint dict)."""
     _, sft_cfg, defaults = sft_defaults()
-    return gpt.load_stage(os.path.join(train_cfg.out_dir, "sft.pt"), "sft", lambda: train_sft(
-        task, sft_cfg, gpt.inherit(defaults, train_cfg)), device, requires={"task": task.identity})
+    return train.load_stage(os.path.join(train_cfg.out_dir, "sft.pt"), "sft", lambda: train_sft(
+        task, sft_cfg, train.inherit(defaults, train_cfg)), gpt.model_from_checkpoint, device,
+        requires={"task": task.identity})
 
 
 def seed_sweep(task, sft_cfg, train_cfg):
@@ -650,7 +653,8 @@ def seed_sweep(task, sft_cfg, train_cfg):
     Seeds stand in for another machine: where the float rounding of another CPU moves a run, so do they."""
     base = os.path.join(train_cfg.out_dir, "gpt.pt")
     model_cfg, defaults, data_cfg = gpt.pretrain_defaults()
-    gpt.load_stage(base, "gpt", lambda: gpt.pretrain_and_report(model_cfg, gpt.inherit(defaults, train_cfg), data_cfg))
+    train.load_stage(base, "gpt", lambda: gpt.pretrain_and_report(model_cfg, train.inherit(defaults, train_cfg), data_cfg),
+                     gpt.model_from_checkpoint)
     runs = {}
     for seed in sft_cfg.seed_list():
         _, runs[seed] = train_sft(task, dataclasses.replace(sft_cfg, init=base, seeds=""), dataclasses.replace(
@@ -661,16 +665,16 @@ def seed_sweep(task, sft_cfg, train_cfg):
     rows = [(f"seed {seed}", f"greedy {m['accuracy']:.1%}, sampled {m['sample_accuracy']:.1%}, "
                              f"r* {m['true_reward']:.3f}, {m['train_seconds']:.0f} s") for seed, m in runs.items()]
     rows += [(f"{k}: mean [min, max]", f"{v['mean']:.4g} [{v['min']:.4g}, {v['max']:.4g}]") for k, v in spread.items()]
-    gpt.print_table(f"SFT over {len(runs)} seeds from {base}, held-out ({task.n_heldout} prompts)", rows)
-    gpt.write_metrics("sft_seeds", {"base": base, "runs": {str(s): {k: m[k] for k in keys} for s, m in runs.items()},
+    train.print_table(f"SFT over {len(runs)} seeds from {base}, held-out ({task.n_heldout} prompts)", rows)
+    train.write_metrics("sft_seeds", {"base": base, "runs": {str(s): {k: m[k] for k in keys} for s, m in runs.items()},
                                     **spread}, train_cfg.out_dir)
 
 
 def main(argv=None):
-    task, sft_cfg, train_cfg = gpt.parse_args(list(sft_defaults()), argv,
+    task, sft_cfg, train_cfg = train.parse_args(list(sft_defaults()), argv,
                                               description="prompt-masked SFT, full or with LoRA, QLoRA or adapters")
     (seed_sweep if sft_cfg.seeds else train_sft)(task, sft_cfg, train_cfg)
 
 
 if __name__ == "__main__":
-    gpt.run_main(main)
+    train.run_main(main)

@@ -52,13 +52,15 @@ import kernels  # noqa: E402
 import ppo  # noqa: E402
 import reward  # noqa: E402
 import sft  # noqa: E402
+import train  # noqa: E402
 from diffusion_toy import (DiffusionConfig, ve_exact_variance, ve_limit, ve_step, ve_times, vp_oracle,  # noqa: E402
                            vp_posterior, vp_schedule, vp_step)
-from gpt import (BOS, EOS, PAD, SEP, GPT, GPTConfig, TrainConfig, UserError, decode, encode, generate,  # noqa: E402
-                 left_pad, lm_loss, sequence_logprobs)
+from gpt import (BOS, EOS, PAD, SEP, GPT, GPTConfig, decode, encode, generate, left_pad, lm_loss,  # noqa: E402
+                 sequence_logprobs)
+from train import TrainConfig, UserError  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-PROJECT = ("kernels", "gpt", "sft", "reward", "ppo", "dpo", "gpro", "diffusion_toy")
+PROJECT = ("train", "kernels", "gpt", "sft", "reward", "ppo", "dpo", "gpro", "diffusion_toy")
 
 
 def tiny(**kw):
@@ -114,11 +116,17 @@ def project_imports(name):
 
 
 def test_imports_point_down_the_layers_with_no_cycle():
-    """The layers of DESIGN.md, bottom up: kernels <- gpt <- sft <- reward <- ppo, dpo, gpro (diffusion_toy on
-    gpt only). Every import goes to a lower layer, so there is no cycle; kernels.py imports no project file."""
-    layer = {"kernels": 0, "gpt": 1, "sft": 2, "diffusion_toy": 2, "reward": 3, "ppo": 4, "dpo": 4, "gpro": 4}
+    """The layers of the README, bottom up: train <- kernels <- gpt <- sft <- reward <- ppo, dpo, gpro
+    (diffusion_toy on train only). Every import goes to a lower layer, so there is no cycle; train.py imports
+    no project file, and kernels.py holds kernels only: no output helper of its own."""
+    layer = {"train": 0, "kernels": 1, "diffusion_toy": 1, "gpt": 2, "sft": 3, "reward": 4, "ppo": 5, "dpo": 5,
+             "gpro": 5}
     imports = {name: project_imports(name) for name in PROJECT}
-    assert imports["kernels"] == set() and imports["diffusion_toy"] == {"gpt"}
+    assert imports["train"] == set() and imports["kernels"] == {"train"} and imports["diffusion_toy"] == {"train"}
+    defined = {n.name for n in ast.parse(open(os.path.join(HERE, "kernels.py")).read()).body
+               if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    assert not defined & {"print_table", "write_metrics", "atomic_write", "finite_or_none", "remove_quietly",
+                          "parse_config", "usable_out_dir", "check"}
     for name, deps in imports.items():
         assert all(layer[d] < layer[name] for d in deps), (name, deps)
 
@@ -127,7 +135,7 @@ def test_per_step_random_streams_come_from_one_helper(monkeypatch):
     """No script writes the stream formula again; a stream is a pure function of (seed, step) and differs
     between the processes of a DDP run (RANK is how torchrun tells them apart)."""
     for name in PROJECT:
-        if name != "gpt":
+        if name != "train":
             assert "1_000_003" not in open(os.path.join(HERE, f"{name}.py")).read(), name
     data = [((a, a), [[1], [2]], [1.0, 0.0]) for a in range(1000)]
     batches = {}
@@ -142,7 +150,597 @@ def test_per_step_random_streams_come_from_one_helper(monkeypatch):
 
 
 # =============================================================================================
-# 1. gpt.py
+# 1. train.py: flags, checkpoints, the training loop and exact resume
+
+# ---------------------------------------------------------------------------------------------
+# the training loop, checkpoints and resume
+
+class Crash(Exception):
+    pass
+
+
+def tiny_run(tmp_path, steps, resume=False, init_seed=0, crash_at=None, eval_interval=3):
+    torch.manual_seed(init_seed)
+    model = GPT(tiny())
+    data = torch.randint(0, 256, (5000,), generator=torch.Generator().manual_seed(1)).numpy().astype("uint16")
+    get = gpt.corpus_batches(data, 4, model.cfg.block_size, seed=1)
+    cfg = TrainConfig(max_steps=steps, batch_size=4, lr=1e-2, warmup_steps=2, eval_interval=eval_interval,
+                      out_dir=str(tmp_path), resume=resume, seed=0, device="cpu")
+    losses = []
+
+    def loss_fn(net, batch):
+        if len(losses) == crash_at:
+            raise Crash  # the machine dies in the middle of training
+        loss = lm_loss(net(batch[0]), batch[1])
+        losses.append(loss.item())
+        return loss, {"tokens": batch[0].numel()}
+
+    train.train(model, cfg, get, loss_fn, ckpt_path=str(tmp_path / "m.pt"),
+              meta={"config": dataclasses.asdict(model.cfg)})
+    return model, losses
+
+
+def test_checkpoint_round_trip_and_exact_resume(tmp_path):
+    straight, losses = tiny_run(tmp_path / "a", 6)
+    with pytest.raises(Crash):
+        tiny_run(tmp_path / "b", 6, crash_at=4)  # dies in step 5, after the checkpoint of step 3
+    # its fresh init is overwritten; validating at other steps is a change that resuming allows
+    resumed, rest = tiny_run(tmp_path / "b", 6, resume=True, init_seed=99, eval_interval=2)
+    assert rest == pytest.approx(losses[3:], abs=1e-6)
+    for (n, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), n
+    loaded, ckpt = gpt.load_model(str(tmp_path / "a" / "m.pt"))
+    assert ckpt["step"] == 6 and loaded.cfg == straight.cfg
+    x = torch.randint(0, 256, (2, 10))
+    assert torch.equal(loaded.eval()(x), straight.eval()(x))
+
+
+def test_corrupt_and_mismatched_checkpoints_give_clear_errors(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="corrupt"):
+        gpt.load_model(str(bad))
+    with pytest.raises(UserError, match="does not exist"):
+        gpt.load_model(str(tmp_path / "missing.pt"))
+    model = GPT(tiny())
+    train.save_checkpoint(str(tmp_path / "m.pt"), model=model.state_dict(),
+                        config={**dataclasses.asdict(model.cfg), "n_embd": 64})
+    with pytest.raises(UserError, match="does not match"):
+        gpt.load_model(str(tmp_path / "m.pt"))
+    assert not list(tmp_path.glob("*.tmp"))  # written atomically
+
+
+def test_checkpoint_round_trip_with_every_switch_on(tmp_path):
+    model = seeded_model(n_expert=3, expert_top_k=2, attention="linear", prefix_lm=True, parallel_block=True,
+                         logit_scale=True)
+    train.save_checkpoint(str(tmp_path / "m.pt"), model=model.state_dict(), config=dataclasses.asdict(model.cfg))
+    loaded, _ = gpt.load_model(str(tmp_path / "m.pt"))
+    x = torch.tensor([[BOS, 5, 6, SEP, 7, 8]])
+    assert loaded.cfg == model.cfg and torch.equal(loaded.eval()(x), model(x))
+
+
+def test_checkpoint_config_without_a_field_gets_its_default(tmp_path):
+    model = seeded_model()
+    cfg = {k: v for k, v in dataclasses.asdict(model.cfg).items() if k not in SWITCHES}
+    train.save_checkpoint(str(tmp_path / "old.pt"), model=model.state_dict(), config=cfg)
+    loaded, _ = gpt.load_model(str(tmp_path / "old.pt"))
+    x = torch.randint(0, 256, (2, 12))
+    assert loaded.cfg == model.cfg and torch.equal(loaded.eval()(x), model(x))
+
+
+def test_optimizer_groups_scale_the_schedule_and_decay_only_matrices(tmp_path):
+    """make_optimizer([(module, lr_scale), ...]): each module learns at its multiple of the schedule (ppo.py's
+    critic), weight decay on matrices only; the schedule warms up linearly, then decays by a cosine."""
+    a, b = nn.Linear(3, 3), nn.Linear(3, 3)
+    cfg = TrainConfig(lr=1e-2, min_lr=1e-3, warmup_steps=2, max_steps=10, weight_decay=0.5, device="cpu")
+    run = train.Trainer(nn.Sequential(a, b), cfg, groups=[(a, 1.0), (b, 10.0)])
+    run.optimizer_step(lambda micro: ((a(torch.ones(1, 3)) + b(torch.ones(1, 3))).sum(), {}))
+    lrs = {(id(g["params"][0]), g["weight_decay"]): g["lr"] for g in run.optimizer.param_groups}
+    assert lrs == {(id(a.weight), 0.5): 5e-3, (id(a.bias), 0.0): 5e-3,
+                   (id(b.weight), 0.5): 5e-2, (id(b.bias), 0.0): 5e-2}
+    assert [train.lr_at(s, cfg) for s in (0, 1)] == [5e-3, 1e-2] and train.lr_at(10, cfg) == pytest.approx(1e-3)
+    assert train.lr_at(6, cfg) == pytest.approx(1e-3 + 0.5 * (1 + math.cos(math.pi / 2)) * 9e-3)
+    timed = dataclasses.replace(cfg, max_seconds=100.0)  # half the time budget spent: the cosine's middle
+    assert train.lr_at(3, timed, seconds=50.0) == pytest.approx(1e-3 + 0.5 * 9e-3)
+    run.finish()
+
+
+def test_float16_scales_the_loss_on_its_own_device_and_skips_an_overflowing_step():
+    """--dtype float16 (GPUs without bf16; the CPU here): the loss is multiplied by the scaler's 2^16 (notes 7;
+    Micikevicius et al. 2018); a step whose scaled fp16 gradient overflows leaves the weights as they were and
+    halves the scale, and the next step applies."""
+    lin = nn.Linear(4, 1)
+    cfg = TrainConfig(dtype="float16", device="cpu", max_steps=10, warmup_steps=0, grad_clip=0.0, weight_decay=0.0)
+    run = train.Trainer(lin, cfg)
+    assert run.scaler.is_enabled() and run.scaler.get_scale() == 2.0 ** 16
+    before = lin.weight.detach().clone()
+    run.optimizer_step(lambda micro: (lin(torch.full((1, 4), 1000.0)).sum(), {}))  # gradient 1000 * 2^16 > 65504
+    assert torch.equal(lin.weight, before) and run.scaler.get_scale() == 2.0 ** 15
+    run.optimizer_step(lambda micro: (lin(torch.ones(1, 4)).sum(), {}))
+    assert not torch.equal(lin.weight, before) and run.scaler.get_scale() == 2.0 ** 15
+    run.finish()
+
+
+def test_train_mode_false_trains_in_eval_mode():
+    """Trainer(train_mode=False), the alignment stages': dropout off while the model trains (the loss is the
+    eval-mode forward's) and after validation; the default trains in train mode."""
+    model = seeded_model(dropout=0.5)
+    x = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        want = lm_loss(model(x[:, :-1]), x[:, 1:]).item()                 # eval mode: no dropout
+    run = train.Trainer(model, TrainConfig(device="cpu", max_steps=2, warmup_steps=0), train_mode=False)
+    loss, _ = run.optimizer_step(lambda micro: (lm_loss(run.net(x[:, :-1]), x[:, 1:]), {}))
+    run.validate(lambda m: {})
+    assert loss == want and not model.training
+    run.finish()
+    default = train.Trainer(seeded_model(), TrainConfig(device="cpu"))
+    assert default.model.training
+    default.finish()
+
+
+def test_corrupt_checkpoint_on_resume_is_a_clear_error(tmp_path):
+    (tmp_path / "gpt.pt").write_bytes(b"\x00" * 100)
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("abcdefgh " * 2000)
+    r = run_script(["gpt.py", "--data", str(corpus), "--out_dir", str(tmp_path), "--resume", "--block_size", "32",
+                    "--n_layer", "1", "--max_steps", "2", *CPU], cwd=tmp_path)
+    assert r.returncode == 2 and "corrupt" in r.stderr and "Traceback" not in r.stderr
+
+
+# =============================================================================================
+# 2. kernels.py
+
+# ---------------------------------------------------------------------------------------------
+# the command line; the kernels need no GPU to be checked: compile check, CPU interpreter, dispatch; on a GPU, compiled
+
+GPU = torch.cuda.is_available()
+needs_triton = pytest.mark.skipif(not kernels.HAS_TRITON, reason="triton is not installed (pip install triton): "
+                                  "the kernels cannot run, not even in the interpreter")
+needs_interpreter = pytest.mark.skipif(not kernels.INTERPRET, reason="runs the kernels in Triton's CPU interpreter "
+                                       "(TRITON_INTERPRET=1), which this process does not use")
+needs_gpu = pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")
+
+
+def rel_err(a, b):
+    """max|a - b| / max|b|, the denominator floored at 0.01: for T = 1 the reference dQ and dK are
+    exactly zero and the kernel's are float32 rounding noise (dP - delta ~ 1e-7)."""
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-2)).item()
+
+
+def qkv(B, H, Hkv, Tq, Tk, D, seed, dtype=torch.float32, device="cpu"):
+    g = torch.Generator(device=device).manual_seed(seed)
+    return [torch.randn(B, h, T, D, generator=g, device=device).to(dtype).requires_grad_()
+            for h, T in ((H, Tq), (Hkv, Tk), (Hkv, Tk))]
+
+
+def output_and_grads(fn, q, k, v, do):
+    o = fn(q, k, v)
+    return [o, *torch.autograd.grad(o, (q, k, v), do)]
+
+
+def reference_and_grads(q, k, v, do, causal=True, scale=None):
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    return output_and_grads(lambda q, k, v: kernels.reference_attention(q, k, v, causal, scale=scale),
+                            q64, k64, v64, do.double())
+
+
+def test_importing_kernels_does_not_turn_on_the_interpreter():
+    """Only `python kernels.py` without a GPU, or the caller, asks for Triton's interpreter."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", "import kernels, os; print(kernels.INTERPRET, "
+                          "os.environ.get('TRITON_INTERPRET'))"], cwd=HERE, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "None"]
+
+
+def test_kernels_cli_bad_flag_is_one_error_line():
+    out = subprocess.run([sys.executable, "kernels.py", "--bogus"], cwd=HERE, capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr == "error: unrecognized arguments: --bogus (see --help)\n", out.stderr
+
+
+@pytest.mark.parametrize("args, says", [(["--head_dims", "48"], "not supported"),
+                                        (["--kv_heads", "3"], "do not divide"),
+                                        (["--seq_lens", "1k"], "comma-separated"),
+                                        (["--n_head", "x"], "invalid int value")])
+def test_kernels_cli_bad_values_are_one_error_line(args, says, capsys):
+    with pytest.raises(SystemExit) as stop:
+        train.run_main(lambda: kernels.main(args))
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1 and says in err, err
+
+
+def test_kernels_cli_flags_reach_the_config():
+    cfg, = train.parse_args([kernels.KernelsConfig()], ["--kv_heads", "8,2", "--head_dims", "128", "--fp32",
+                                                       "--compile_check"])
+    assert cfg.kvs() == [8, 2] and cfg.dims() == [128] and cfg.fp32 and cfg.compile_check and not cfg.fp8
+
+
+def test_metrics_are_one_strict_json_line(tmp_path, capsys):
+    train.write_metrics("kernels", {"x": float("nan"), "rows": [{"y": float("inf"), "z": 1.5}]}, str(tmp_path))
+    line = capsys.readouterr().out
+    assert line.count("\n") == 1 and "NaN" not in line and "Infinity" not in line
+    saved = (tmp_path / "kernels_metrics.json").read_text()
+    assert saved == line and json.loads(saved) == {"stage": "kernels", "x": None, "rows": [{"y": None, "z": 1.5}]}
+    assert os.listdir(tmp_path) == ["kernels_metrics.json"]  # the temporary file was renamed
+
+
+# ---------------------------------------------------------------------------------------------
+# The compile check: no GPU needed
+
+@needs_triton
+def test_compile_check_sm90_sm80_kept_tiles_compile_fit_use_wgmma_and_do_not_spill():
+    """Every kept tile of every kernel compiles for sm_90 and sm_80; its shared memory fits the
+    target's limit; on sm_90 every dot is a wgmma (each tile of every kernel has >= 64 rows: no
+    mma.sync fallback is left); nothing spills in bf16 at head dims 64 and 128; GQA's dK/dV add
+    atomically and MHA's store. (fp16 compiles to the same registers and shared memory as bf16, and the
+    non-causal kernels are the causal ones less the mask: `python kernels.py --compile_check` has both.)"""
+    rows = kernels.compile_check(targets=(90, 80), dtypes=("bf16",), head_dims=(64, 128), causals=(True,),
+                                 groups=(1, 4))
+    expected = 0
+    for target, head_dim in ((90, 64), (90, 128), (80, 64), (80, 128)):
+        for tiles in (kernels.FWD_TILES, kernels.DQ_TILES):
+            expected += len(kernels._tiles_for(tiles, target, head_dim))
+        expected += 1 + 2 * len(kernels._tiles_for(kernels.DKDV_TILES, target, head_dim))  # delta; dK/dV x 2 groups
+    assert len(rows) == expected
+    for r in rows:
+        where = f"{r['kernel']} {r['BLOCK_M']}x{r['BLOCK_N']} w{r['num_warps']} s{r['num_stages']} {r['target']} " \
+                f"D={r['head_dim']} group {r['group']}: {r}"
+        assert "error" not in r, where
+        assert r["regs"] is not None and r["spill_stores"] == 0 and r["spill_loads"] == 0, where
+        assert 0 < r["smem"] <= kernels.SMEM_LIMITS[int(r["target"][3:])] or r["kernel"] == "delta", where
+        if r["target"] == "sm_90" and r["kernel"] != "delta":
+            assert r["needs_wgmma"] and r["wgmma"] > 0 and r["mma_sync"] == 0, where
+        if r["kernel"] == "dkdv":
+            assert (r["atomics"] > 0) == (r["group"] > 1), where
+        assert r["ok"], where
+
+
+# ---------------------------------------------------------------------------------------------
+# Correctness in Triton's CPU interpreter: fp32 against the float64 reference
+
+@needs_triton
+@needs_interpreter
+@pytest.mark.parametrize("B, H, Hkv, Tq, Tk, D, causal, scale", [
+    (1, 2, 2, 1, 1, 16, True, None),        # T = 1
+    (2, 4, 1, 1, 1, 64, False, None),
+    (2, 4, 2, 17, 17, 16, True, None),      # group 2, one partial tile
+    (1, 4, 1, 17, 17, 64, False, 0.3),      # MQA (group 4), non-causal, a softmax scale
+    (1, 4, 2, 17, 17, 128, True, None),
+    (1, 2, 2, 130, 130, 16, True, None),    # MHA, several tiles and masked tails
+    (1, 4, 1, 130, 130, 64, False, None),
+    (1, 4, 2, 130, 130, 32, True, 0.05),
+    (1, 2, 2, 130, 130, 128, True, None),
+    (1, 4, 1, 130, 130, 128, False, None),
+    (1, 4, 2, 9, 40, 16, True, None),       # prefill into a KV cache: causal mask aligned bottom-right
+    (1, 4, 4, 24, 130, 128, True, None),
+    (2, 4, 1, 1, 33, 64, True, None),       # decode: one query against the cache
+    (1, 2, 1, 24, 56, 32, False, None),     # Tq != Tk without a mask
+    (1, 4, 2, 130, 17, 64, False, None),    # more queries than keys
+])
+def test_flash_matches_reference(B, H, Hkv, Tq, Tk, D, causal, scale):
+    q, k, v = qkv(B, H, Hkv, Tq, Tk, D, seed=Tq * 1000 + Tk + D)
+    do = torch.randn(B, H, Tq, D, generator=torch.Generator().manual_seed(1))
+    ours = output_and_grads(lambda q, k, v: kernels.flash_attention(q, k, v, causal, scale), q, k, v, do)
+    ref = reference_and_grads(q, k, v, do, causal, scale)
+    for name, a, b in zip(("O", "dQ", "dK", "dV"), ours, ref):
+        assert a.shape == b.shape and a.dtype == torch.float32
+        assert rel_err(a, b) < 1e-4, f"{name}: relative error {rel_err(a, b):.2e}"
+
+
+@needs_triton
+@needs_interpreter
+def test_flash_gqa_reads_shared_heads_without_copies():
+    """GQA equals MHA on explicitly repeated K/V, with dK/dV summed over the group (the group's query
+    heads add into fp32 buffers atomically, and a second backward starts again from zero), and what
+    the kernel keeps for backward holds only the n_kv_head heads (no repeated copy)."""
+    B, H, Hkv, T, D = 2, 4, 1, 40, 16
+    q, k, v = qkv(B, H, Hkv, T, T, D, seed=3)
+    do = torch.randn(B, H, T, D, generator=torch.Generator().manual_seed(4))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        gqa = output_and_grads(kernels.flash_attention, q, k, v, do)
+    assert sorted(saved) == sorted([(B, H, T, D), (B, Hkv, T, D), (B, Hkv, T, D), (B, H, T, D), (B, H, T)])
+    assert gqa[2].shape == gqa[3].shape == (B, Hkv, T, D) and gqa[2].dtype == k.dtype
+    repeated = lambda q, k, v: kernels.flash_attention(q, k.repeat_interleave(H // Hkv, 1),  # noqa: E731
+                                                       v.repeat_interleave(H // Hkv, 1))
+    mha = output_and_grads(repeated, q, k, v, do)
+    for a, b in zip(gqa, mha):
+        assert rel_err(a, b) < 1e-5
+    again = output_and_grads(kernels.flash_attention, q, k, v, do)
+    for a, b in zip(gqa, again):
+        assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dispatch
+
+@needs_triton
+def test_dispatch_routes_and_forced_paths(monkeypatch):
+    q, k, v = qkv(1, 4, 2, 8, 8, 16, seed=5)
+    mask = torch.ones(8, 8, dtype=torch.bool)
+    for impl in ("auto", "triton"):  # what the kernel does not compute goes to SDPA
+        monkeypatch.setenv("ATTN_IMPL", impl)
+        assert kernels.select_path(q, k, v, mask=mask)[0] == "sdpa"
+        assert kernels.select_path(q, k, v, dropout_p=0.1)[0] == "sdpa"
+        assert kernels.select_path(*qkv(1, 4, 2, 8, 8, 8, seed=5))[0] == "sdpa"  # head_dim 8
+    monkeypatch.setenv("ATTN_IMPL", "auto")
+    assert kernels.select_path(q, k, v) == ("sdpa", "no CUDA tensor")  # auto: the kernel only on CUDA tensors
+    if not kernels.INTERPRET:
+        return  # the forced paths below run the kernel on these CPU tensors
+    calls = []
+
+    def spy(name):
+        fn = getattr(kernels, name)
+        return lambda *args, **kwargs: calls.append(name) or fn(*args, **kwargs)
+
+    for name in ("flash_attention", "sdpa_attention", "reference_attention"):
+        monkeypatch.setattr(kernels, name, spy(name))
+    expected = kernels.reference_attention(q, k, v)
+    for impl, name in (("triton", "flash_attention"), ("sdpa", "sdpa_attention"),
+                       ("reference", "reference_attention")):
+        monkeypatch.setenv("ATTN_IMPL", impl)
+        calls.clear()
+        out = kernels.attention(q, k, v)
+        assert calls == [name]
+        assert rel_err(out, expected) < 1e-4
+    monkeypatch.setenv("ATTN_IMPL", "triton")
+    calls.clear()
+    kernels.attention(q, k, v, mask=mask)
+    assert calls == ["sdpa_attention"]
+    monkeypatch.setenv("ATTN_IMPL", "flash")
+    with pytest.raises(ValueError):
+        kernels.attention(q, k, v)
+
+
+def test_gpu_below_compute_capability_8_is_not_tried(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    assert kernels.gpu_unsupported("cuda:0") == "compute capability 7.5 < 8.0"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert kernels.gpu_unsupported("cuda:0") == ""
+
+
+def _kernel_fails(*args, **kwargs):
+    raise RuntimeError("PTXASError: ptxas fatal: entry function uses too much shared data\nsecond line")
+
+
+@pytest.fixture
+def fresh_dispatch(monkeypatch):
+    """A dispatch that has announced nothing and seen no failure, on which auto takes the kernel for
+    these tensors (CUDA ones on a GPU; CPU ones in the interpreter)."""
+    monkeypatch.setattr(kernels, "_failed", {})
+    monkeypatch.setattr(kernels, "_announced", set())
+    monkeypatch.setattr(kernels, "_device_unsupported", lambda q: "")
+    monkeypatch.setenv("ATTN_IMPL", "auto")
+
+
+def _dispatch_inputs():
+    device, dtype = ("cuda", torch.bfloat16) if GPU else ("cpu", torch.float32)
+    q, k, v = qkv(1, 4, 2, 33, 33, 64, seed=7, dtype=dtype, device=device)
+    return q, k, v, torch.randn_like(q)
+
+
+@needs_triton
+def test_dispatch_falls_back_to_sdpa_with_one_line_when_the_forward_fails(monkeypatch, capsys, fresh_dispatch):
+    q, k, v, do = _dispatch_inputs()
+    assert kernels.select_path(q, k, v) == ("triton", "auto")
+    monkeypatch.setattr(kernels, "_flash_forward", _kernel_fails)
+    outs = [kernels.attention(q, k, v) for _ in range(3)]
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and "sdpa" in lines[0] and "failed" in lines[0] and "too much shared data" in lines[0]
+    assert "second line" not in lines[0]
+    assert kernels.select_path(q, k, v)[0] == "sdpa"  # that class of calls no longer tries the kernel
+    expected = kernels.sdpa_attention(q, k, v)
+    assert all(torch.equal(o, expected) for o in outs)
+    monkeypatch.setenv("ATTN_IMPL", "triton")  # forced: strict
+    with pytest.raises(RuntimeError, match="too much shared data"):
+        kernels.attention(q, k, v)
+
+
+@needs_triton
+def test_dispatch_backward_failure_recomputes_gradients_with_sdpa(monkeypatch, capsys, fresh_dispatch):
+    if not (GPU or kernels.INTERPRET):
+        pytest.skip("the forward kernel needs a GPU or the interpreter")
+    q, k, v, do = _dispatch_inputs()
+    monkeypatch.setattr(kernels, "_flash_backward", _kernel_fails)
+    ours = output_and_grads(kernels.attention, q, k, v, do)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and "path: triton" in lines[0] and "failed" in lines[1] and "sdpa" in lines[1]
+    ref = reference_and_grads(q, k, v, do)
+    for name, a, b in zip(("O", "dQ", "dK", "dV"), ours, ref):
+        assert rel_err(a, b) < (2e-2 if GPU else 1e-4), name
+    monkeypatch.setenv("ATTN_IMPL", "triton")  # forced: the backward raises
+    with pytest.raises(RuntimeError, match="too much shared data"):
+        output_and_grads(kernels.attention, q, k, v, do)
+
+
+# ---------------------------------------------------------------------------------------------
+# On a GPU: the compiled kernel in bf16 and fp16 against the float64 reference
+
+@needs_gpu
+@pytest.mark.parametrize("dtype, B, H, Hkv, Tq, Tk, D, causal", [
+    (torch.bfloat16, 2, 8, 2, 1000, 1000, 128, True),   # GQA, T not a multiple of any tile
+    (torch.bfloat16, 1, 4, 4, 4096, 4096, 64, True),    # MHA, long
+    (torch.bfloat16, 1, 8, 1, 777, 777, 64, False),     # MQA, full
+    (torch.bfloat16, 1, 4, 2, 300, 1100, 128, True),    # prefill into a cache
+    (torch.float16, 2, 8, 2, 1000, 1000, 128, True),
+    (torch.float16, 1, 4, 2, 300, 1100, 128, True),
+])
+def test_flash_on_gpu_matches_reference(monkeypatch, dtype, B, H, Hkv, Tq, Tk, D, causal):
+    """Within bf16 / fp16 rounding of the float64 reference on the same inputs, and no worse than twice
+    SDPA's error plus a margin; auto dispatch takes the kernel and does not fall back."""
+    q, k, v = qkv(B, H, Hkv, Tq, Tk, D, seed=Tq + D, dtype=dtype, device="cuda")
+    do = torch.randn_like(q)
+    monkeypatch.setattr(kernels, "_failed", {})
+    monkeypatch.setenv("ATTN_IMPL", "auto")
+    assert kernels.select_path(q, k, v, causal) == ("triton", "auto")
+    ours = output_and_grads(lambda q, k, v: kernels.attention(q, k, v, causal), q, k, v, do)
+    assert not kernels._failed
+    sdpa = output_and_grads(lambda q, k, v: kernels.sdpa_attention(q, k, v, causal), q, k, v, do)
+    ref = reference_and_grads(q, k, v, do, causal)
+    tol = 3e-2 if dtype == torch.bfloat16 else 1e-2
+    for name, a, s, b in zip(("O", "dQ", "dK", "dV"), ours, sdpa, ref):
+        assert a.dtype == dtype and torch.isfinite(a).all(), name
+        err, sdpa_err = rel_err(a, b), rel_err(s, b)
+        assert err < tol and err < 2 * sdpa_err + 2e-3, f"{name}: {err:.2e} (SDPA {sdpa_err:.2e})"
+
+
+@needs_triton
+@needs_interpreter
+def test_gpt_trains_the_same_with_triton_and_sdpa(monkeypatch):
+    cfg = GPTConfig(block_size=32, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)  # head_dim 16
+    idx = torch.randint(0, 256, (2, 33), generator=torch.Generator().manual_seed(6))
+    losses = {}
+    for impl in ("sdpa", "triton"):
+        monkeypatch.setenv("ATTN_IMPL", impl)
+        torch.manual_seed(0)
+        model = GPT(cfg)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        losses[impl] = []
+        for _ in range(4):
+            loss = lm_loss(model(idx[:, :-1]), idx[:, 1:])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses[impl].append(loss.item())
+    assert losses["triton"][-1] < losses["triton"][0]
+    assert max(abs(a - b) for a, b in zip(losses["sdpa"], losses["triton"])) < 1e-4, losses
+
+
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------------------------
+# FP8 scaled casts and matmul (notes 7)
+
+# Round to nearest with m mantissa bits errs by at most half the ULP@1 of notes Table 4, relatively:
+# e4m3 ULP@1 = 2^-3 -> 2^-4, e5m2 ULP@1 = 2^-2 -> 2^-3 (for numbers in the normal range).
+FP8_REL = {"e4m3": 2 ** -4, "e5m2": 2 ** -3}
+FP8_MAX = {"e4m3": 448.0, "e5m2": 57344.0}
+FP8_MIN_NORMAL = {"e4m3": 2.0 ** -6, "e5m2": 2.0 ** -14}
+
+
+def spread_rows(n, d, seed, decades=3):
+    """(n, d) Gaussian rows whose scales span `decades` orders of magnitude."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g) * 10 ** (decades * torch.rand(n, 1, generator=g) - decades / 2)
+
+
+def ref_scale(x, fmt, scaling):
+    """S = fp8 max / amax, computed independently in float64."""
+    amax = x.double().abs().amax(-1, keepdim=True) if scaling == "channel" else x.double().abs().amax()
+    return FP8_MAX[fmt] / amax
+
+
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+@pytest.mark.parametrize("scaling", ["tensor", "channel"])
+def test_fp8_scaled_cast_round_trip_within_format_precision(fmt, scaling):
+    x = spread_rows(64, 128, seed=0)
+    x8, s = kernels.to_fp8(x, fmt, scaling)
+    assert x8.dtype == kernels.FP8_DTYPES[fmt] and x8.shape == x.shape
+    back = kernels.from_fp8(x8, s)
+    normal = (x.double() * ref_scale(x, fmt, scaling)).abs() >= FP8_MIN_NORMAL[fmt]  # in the normal range
+    assert normal.float().mean() > 0.5
+    rel = ((back.double() - x.double()).abs() / x.double().abs())[normal]
+    assert rel.max() <= FP8_REL[fmt] * (1 + 1e-5), rel.max()  # fp32 multiply/divide by S: ~1e-7
+    assert rel.max() > 0.5 * FP8_REL[fmt]  # really rounded to 1 + m bits (bf16 would err 16x less)
+
+
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+def test_fp8_scale_maps_amax_to_the_format_max_and_zeros_stay_finite(fmt):
+    x = spread_rows(16, 40, seed=1)
+    for scaling in ("tensor", "channel"):
+        x8, s = kernels.to_fp8(x, fmt, scaling)
+        assert torch.allclose(s.double(), ref_scale(x, fmt, scaling), rtol=1e-6)
+        at_max = x.abs() == (x.abs().amax(-1, keepdim=True) if scaling == "channel" else x.abs().amax())
+        assert at_max.sum() >= (16 if scaling == "channel" else 1)
+        assert (x8.float().abs()[at_max] == FP8_MAX[fmt]).all()  # amax lands exactly on the largest value
+        assert x8.float().abs().max() == FP8_MAX[fmt]
+    x[3] = 0.0  # a silent channel, and then an all-zero tensor
+    for z, scaling in ((x, "channel"), (torch.zeros(16, 40), "tensor"), (torch.zeros(16, 40), "channel")):
+        x8, s = kernels.to_fp8(z, fmt, scaling)
+        back = kernels.from_fp8(x8, s)
+        assert torch.isfinite(s).all() and torch.isfinite(back).all()
+        assert (back[3] == 0).all()
+        o = kernels.fp8_matmul(z, z, fmt, scaling)
+        assert torch.isfinite(o).all() and (o[3] == 0).all() and (o[:, 3] == 0).all()
+
+
+@pytest.mark.parametrize("fmt, ratio", [("e4m3", 1e5), ("e5m2", 1e10)])
+def test_fp8_per_channel_scaling_keeps_the_quiet_rows_that_per_tensor_loses(fmt, ratio):
+    """4 token rows louder than the rest by more than the format's normal range (max / smallest normal):
+    one per-tensor scale pushes the quiet rows below the normal range, one scale per row does not."""
+    assert ratio > FP8_MAX[fmt] / FP8_MIN_NORMAL[fmt]
+    g = torch.Generator().manual_seed(2)
+    x, w = torch.randn(64, 128, generator=g), torch.randn(32, 128, generator=g) / math.sqrt(128)
+    x[:4] *= ratio
+    ref = x.double() @ w.double().t()
+    err = {}
+    for scaling in ("none", "tensor", "channel"):
+        o = kernels.fp8_matmul(x, w, fmt, scaling).double()
+        quiet = ((o[4:] - ref[4:]).norm() / ref[4:].norm()).item()
+        loud = ((o[:4] - ref[:4]).norm() / ref[:4].norm()).item()
+        cast = kernels.from_fp8(*kernels.to_fp8(x, fmt, scaling))[4:]
+        err[scaling] = quiet, loud, ((cast - x[4:]).norm() / x[4:].norm()).item()
+    assert err["channel"][0] < 2 * FP8_REL[fmt] and err["channel"][2] < FP8_REL[fmt]
+    assert err["tensor"][0] > 3 * err["channel"][0] and err["tensor"][2] > 3 * err["channel"][2]  # the quiet rows
+    assert err["tensor"][1] < 2 * FP8_REL[fmt] and err["channel"][1] < 2 * FP8_REL[fmt]  # loud rows fine in both
+    assert err["none"][1] > 0.5  # unscaled: the loud rows saturate at the format's max
+
+
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+@pytest.mark.parametrize("scaling", ["tensor", "channel"])
+def test_fp8_matmul_emulation_within_the_derived_error_bound(fmt, scaling):
+    """Each operand errs by at most e = u|a| + eta/S elementwise (u = 2^-(m+1) in the normal range, eta =
+    half the subnormal spacing below it, in scaled units), so |O8 - O| <= |X| e_W^T + e_X |W|^T + e_X e_W^T."""
+    x, w = spread_rows(24, 64, seed=3), spread_rows(40, 64, seed=4)  # n != d_out: a wrong outer product fails
+    o8 = kernels.fp8_matmul(x, w, fmt, scaling).double()
+    X, W = x.double(), w.double()
+    u, eta = FP8_REL[fmt], FP8_MIN_NORMAL[fmt] * 2 * FP8_REL[fmt] / 2
+    ex, ew = u * X.abs() + eta / ref_scale(x, fmt, scaling), u * W.abs() + eta / ref_scale(w, fmt, scaling)
+    bound = X.abs() @ ew.t() + ex @ W.abs().t() + ex @ ew.t() + 1e-5 * X.abs() @ W.abs().t()  # + fp32 sums
+    err = (o8 - X @ W.t()).abs()
+    assert (err <= bound).all(), (err / bound).max()
+    assert (err / bound).max() > 0.05  # the bound is not vacuous: the inputs really were rounded to FP8
+
+
+def test_fp8_per_channel_matmul_is_exactly_equivariant_to_power_of_two_row_scales():
+    """Per channel, scaling a row of X or W by 2^k scales its S by 2^-k: the same float8 values, and the
+    output row or column scaled by exactly 2^k. One scale per tensor does not have this property."""
+    g = torch.Generator().manual_seed(5)
+    x, w = torch.randn(16, 32, generator=g), torch.randn(24, 32, generator=g)
+    dx = 2.0 ** torch.randint(-20, 21, (16, 1), generator=g).float()
+    dw = 2.0 ** torch.randint(-20, 21, (24, 1), generator=g).float()
+    for fmt in ("e4m3", "e5m2"):
+        o = kernels.fp8_matmul(x, w, fmt, "channel")
+        assert torch.equal(kernels.fp8_matmul(dx * x, dw * w, fmt, "channel"), dx * o * dw.t())
+        per_tensor = kernels.fp8_matmul(dx * x, dw * w, fmt, "tensor")
+        assert not torch.equal(per_tensor, dx * kernels.fp8_matmul(x, w, fmt, "tensor") * dw.t())
+
+
+@pytest.mark.parametrize("scaling", ["tensor", "channel"])
+def test_fp8_scaled_mm_call_conventions_match_the_emulation(scaling):
+    """The hardware call (inverse scales, column-major second operand, scale shapes) gives the emulation's
+    result. Runs where torch._scaled_mm runs: FP8 GPUs, and recent CPU builds of torch."""
+    device = "cuda" if torch.cuda.is_available() and not kernels.fp8_gemm_unsupported(
+        torch.zeros(16, 16, device="cuda"), torch.zeros(16, 16, device="cuda")) else "cpu"
+    x, w = spread_rows(32, 64, seed=6).to(device), spread_rows(48, 64, seed=7).to(device)
+    (x8, sx), (w8, sw) = kernels.to_fp8(x, "e4m3", scaling), kernels.to_fp8(w, "e4m3", scaling)
+    try:
+        hw = kernels._scaled_mm(x8, sx, w8, sw)
+    except (RuntimeError, NotImplementedError) as e:
+        pytest.skip(f"torch._scaled_mm does not run on {device}: {str(e).splitlines()[0]}")
+    emulated = (x8.double() @ w8.double().t()) / (sx.double() * sw.double().t())
+    tol = 2 ** -8 if scaling == "channel" else 1e-5  # row-wise output is bf16
+    assert ((hw.double() - emulated).abs() <= tol * (x8.double().abs() @ w8.double().abs().t())
+            / (sx.double() * sw.double().t())).all()
+
+
+# =============================================================================================
+# 3. gpt.py
 
 # ---------------------------------------------------------------------------------------------
 # tokenizer and config
@@ -194,7 +792,7 @@ SWITCHES = ("logit_scale", "attention", "prefix_lm", "parallel_block", "n_expert
 
 def test_every_model_switch_is_a_flag_and_off_by_default(capsys):
     defaults = list(gpt.pretrain_defaults())
-    cfg = gpt.parse_args(defaults, ["--n_expert", "4", "--expert_top_k", "1", "--expert_capacity", "1.5",
+    cfg = train.parse_args(defaults, ["--n_expert", "4", "--expert_top_k", "1", "--expert_capacity", "1.5",
                                     "--moe_aux_coef", "0.1", "--attention", "linear", "--prefix_lm",
                                     "--parallel_block", "--logit_scale"])[0]
     assert (cfg.n_expert, cfg.expert_top_k, cfg.expert_capacity, cfg.moe_aux_coef) == (4, 1, 1.5, 0.1)
@@ -202,7 +800,7 @@ def test_every_model_switch_is_a_flag_and_off_by_default(capsys):
     assert GPTConfig().n_expert == 0 and not GPTConfig().prefix_lm and GPTConfig().attention == "softmax"
     assert not GPTConfig().parallel_block and not GPTConfig().logit_scale
     with pytest.raises(SystemExit):
-        gpt.parse_args(defaults, ["--help"])
+        train.parse_args(defaults, ["--help"])
     out = capsys.readouterr().out
     assert all(f"--{f}" in out for f in SWITCHES)
 
@@ -682,130 +1280,7 @@ def test_prefix_lm_sequence_logprobs_equal_token_by_token_loop():
         assert total[b].item() == pytest.approx(want, abs=1e-4)
 
 # ---------------------------------------------------------------------------------------------
-# the training loop, checkpoints and resume
-
-class Crash(Exception):
-    pass
-
-
-def tiny_run(tmp_path, steps, resume=False, init_seed=0, crash_at=None, eval_interval=3):
-    torch.manual_seed(init_seed)
-    model = GPT(tiny())
-    data = torch.randint(0, 256, (5000,), generator=torch.Generator().manual_seed(1)).numpy().astype("uint16")
-    get = gpt.corpus_batches(data, 4, model.cfg.block_size, seed=1)
-    cfg = TrainConfig(max_steps=steps, batch_size=4, lr=1e-2, warmup_steps=2, eval_interval=eval_interval,
-                      out_dir=str(tmp_path), resume=resume, seed=0, device="cpu")
-    losses = []
-
-    def loss_fn(net, batch):
-        if len(losses) == crash_at:
-            raise Crash  # the machine dies in the middle of training
-        loss = lm_loss(net(batch[0]), batch[1])
-        losses.append(loss.item())
-        return loss, {"tokens": batch[0].numel()}
-
-    gpt.train(model, cfg, get, loss_fn, ckpt_path=str(tmp_path / "m.pt"),
-              meta={"config": dataclasses.asdict(model.cfg)})
-    return model, losses
-
-
-def test_checkpoint_round_trip_and_exact_resume(tmp_path):
-    straight, losses = tiny_run(tmp_path / "a", 6)
-    with pytest.raises(Crash):
-        tiny_run(tmp_path / "b", 6, crash_at=4)  # dies in step 5, after the checkpoint of step 3
-    # its fresh init is overwritten; validating at other steps is a change that resuming allows
-    resumed, rest = tiny_run(tmp_path / "b", 6, resume=True, init_seed=99, eval_interval=2)
-    assert rest == pytest.approx(losses[3:], abs=1e-6)
-    for (n, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
-        assert torch.allclose(a, b, atol=1e-6), n
-    loaded, ckpt = gpt.load_model(str(tmp_path / "a" / "m.pt"))
-    assert ckpt["step"] == 6 and loaded.cfg == straight.cfg
-    x = torch.randint(0, 256, (2, 10))
-    assert torch.equal(loaded.eval()(x), straight.eval()(x))
-
-
-def test_corrupt_and_mismatched_checkpoints_give_clear_errors(tmp_path):
-    bad = tmp_path / "bad.pt"
-    bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(UserError, match="corrupt"):
-        gpt.load_model(str(bad))
-    with pytest.raises(UserError, match="does not exist"):
-        gpt.load_model(str(tmp_path / "missing.pt"))
-    model = GPT(tiny())
-    gpt.save_checkpoint(str(tmp_path / "m.pt"), model=model.state_dict(),
-                        config={**dataclasses.asdict(model.cfg), "n_embd": 64})
-    with pytest.raises(UserError, match="does not match"):
-        gpt.load_model(str(tmp_path / "m.pt"))
-    assert not list(tmp_path.glob("*.tmp"))  # written atomically
-
-
-def test_checkpoint_round_trip_with_every_switch_on(tmp_path):
-    model = seeded_model(n_expert=3, expert_top_k=2, attention="linear", prefix_lm=True, parallel_block=True,
-                         logit_scale=True)
-    gpt.save_checkpoint(str(tmp_path / "m.pt"), model=model.state_dict(), config=dataclasses.asdict(model.cfg))
-    loaded, _ = gpt.load_model(str(tmp_path / "m.pt"))
-    x = torch.tensor([[BOS, 5, 6, SEP, 7, 8]])
-    assert loaded.cfg == model.cfg and torch.equal(loaded.eval()(x), model(x))
-
-
-def test_checkpoint_config_without_a_field_gets_its_default(tmp_path):
-    model = seeded_model()
-    cfg = {k: v for k, v in dataclasses.asdict(model.cfg).items() if k not in SWITCHES}
-    gpt.save_checkpoint(str(tmp_path / "old.pt"), model=model.state_dict(), config=cfg)
-    loaded, _ = gpt.load_model(str(tmp_path / "old.pt"))
-    x = torch.randint(0, 256, (2, 12))
-    assert loaded.cfg == model.cfg and torch.equal(loaded.eval()(x), model(x))
-
-
-def test_optimizer_groups_scale_the_schedule_and_decay_only_matrices(tmp_path):
-    """make_optimizer([(module, lr_scale), ...]): each module learns at its multiple of the schedule (ppo.py's
-    critic), weight decay on matrices only; the schedule warms up linearly, then decays by a cosine."""
-    a, b = nn.Linear(3, 3), nn.Linear(3, 3)
-    cfg = TrainConfig(lr=1e-2, min_lr=1e-3, warmup_steps=2, max_steps=10, weight_decay=0.5, device="cpu")
-    run = gpt.Trainer(nn.Sequential(a, b), cfg, groups=[(a, 1.0), (b, 10.0)])
-    run.optimizer_step(lambda micro: ((a(torch.ones(1, 3)) + b(torch.ones(1, 3))).sum(), {}))
-    lrs = {(id(g["params"][0]), g["weight_decay"]): g["lr"] for g in run.optimizer.param_groups}
-    assert lrs == {(id(a.weight), 0.5): 5e-3, (id(a.bias), 0.0): 5e-3,
-                   (id(b.weight), 0.5): 5e-2, (id(b.bias), 0.0): 5e-2}
-    assert [gpt.lr_at(s, cfg) for s in (0, 1)] == [5e-3, 1e-2] and gpt.lr_at(10, cfg) == pytest.approx(1e-3)
-    assert gpt.lr_at(6, cfg) == pytest.approx(1e-3 + 0.5 * (1 + math.cos(math.pi / 2)) * 9e-3)
-    timed = dataclasses.replace(cfg, max_seconds=100.0)  # half the time budget spent: the cosine's middle
-    assert gpt.lr_at(3, timed, seconds=50.0) == pytest.approx(1e-3 + 0.5 * 9e-3)
-    run.finish()
-
-
-def test_float16_scales_the_loss_on_its_own_device_and_skips_an_overflowing_step():
-    """--dtype float16 (GPUs without bf16; the CPU here): the loss is multiplied by the scaler's 2^16 (notes 7;
-    Micikevicius et al. 2018); a step whose scaled fp16 gradient overflows leaves the weights as they were and
-    halves the scale, and the next step applies."""
-    lin = nn.Linear(4, 1)
-    cfg = TrainConfig(dtype="float16", device="cpu", max_steps=10, warmup_steps=0, grad_clip=0.0, weight_decay=0.0)
-    run = gpt.Trainer(lin, cfg)
-    assert run.scaler.is_enabled() and run.scaler.get_scale() == 2.0 ** 16
-    before = lin.weight.detach().clone()
-    run.optimizer_step(lambda micro: (lin(torch.full((1, 4), 1000.0)).sum(), {}))  # gradient 1000 * 2^16 > 65504
-    assert torch.equal(lin.weight, before) and run.scaler.get_scale() == 2.0 ** 15
-    run.optimizer_step(lambda micro: (lin(torch.ones(1, 4)).sum(), {}))
-    assert not torch.equal(lin.weight, before) and run.scaler.get_scale() == 2.0 ** 15
-    run.finish()
-
-
-def test_train_mode_false_trains_in_eval_mode():
-    """Trainer(train_mode=False), the alignment stages': dropout off while the model trains (the loss is the
-    eval-mode forward's) and after validation; the default trains in train mode."""
-    model = seeded_model(dropout=0.5)
-    x = torch.randint(0, 256, (2, 16))
-    with torch.no_grad():
-        want = lm_loss(model(x[:, :-1]), x[:, 1:]).item()                 # eval mode: no dropout
-    run = gpt.Trainer(model, TrainConfig(device="cpu", max_steps=2, warmup_steps=0), train_mode=False)
-    loss, _ = run.optimizer_step(lambda micro: (lm_loss(run.net(x[:, :-1]), x[:, 1:]), {}))
-    run.validate(lambda m: {})
-    assert loss == want and not model.training
-    run.finish()
-    default = gpt.Trainer(seeded_model(), TrainConfig(device="cpu"))
-    assert default.model.training
-    default.finish()
-
+# the script, with experts, and under torchrun
 
 def test_a_data_file_too_small_for_the_context_is_a_clear_error(tmp_path):
     (tmp_path / "small.txt").write_text("hello")
@@ -813,24 +1288,12 @@ def test_a_data_file_too_small_for_the_context_is_a_clear_error(tmp_path):
     assert r.returncode == 2 and "too small" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_corrupt_checkpoint_on_resume_is_a_clear_error(tmp_path):
-    (tmp_path / "gpt.pt").write_bytes(b"\x00" * 100)
-    corpus = tmp_path / "c.txt"
-    corpus.write_text("abcdefgh " * 2000)
-    r = run_script(["gpt.py", "--data", str(corpus), "--out_dir", str(tmp_path), "--resume", "--block_size", "32",
-                    "--n_layer", "1", "--max_steps", "2", *CPU], cwd=tmp_path)
-    assert r.returncode == 2 and "corrupt" in r.stderr and "Traceback" not in r.stderr
-
-
 def test_stdlib_corpus_holds_out_whole_files():
     root, files = gpt.stdlib_files()
     assert len(files) > 100 and all(f.endswith(".py") for f in files)
-    train, val, _ = gpt.load_corpus(gpt.DataConfig(val_fraction=0.05))
-    assert 0.01 < len(val) / (len(train) + len(val)) < 0.2
-    assert train[0] == BOS and val[0] == BOS  # each file starts with BOS
-
-# ---------------------------------------------------------------------------------------------
-# the script, with experts, and under torchrun
+    train_ids, val, _ = gpt.load_corpus(gpt.DataConfig(val_fraction=0.05))
+    assert 0.01 < len(val) / (len(train_ids) + len(val)) < 0.2
+    assert train_ids[0] == BOS and val[0] == BOS  # each file starts with BOS
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
@@ -881,459 +1344,7 @@ def test_ddp_two_processes_on_cpu(tmp_path, corpus):
 
 
 # =============================================================================================
-# 2. kernels.py
-
-# ---------------------------------------------------------------------------------------------
-# the command line; the kernels need no GPU to be checked: compile check, CPU interpreter, dispatch; on a GPU, compiled
-
-GPU = torch.cuda.is_available()
-needs_triton = pytest.mark.skipif(not kernels.HAS_TRITON, reason="triton is not installed (pip install triton): "
-                                  "the kernels cannot run, not even in the interpreter")
-needs_interpreter = pytest.mark.skipif(not kernels.INTERPRET, reason="runs the kernels in Triton's CPU interpreter "
-                                       "(TRITON_INTERPRET=1), which this process does not use")
-needs_gpu = pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")
-
-
-def rel_err(a, b):
-    """max|a - b| / max|b|, the denominator floored at 0.01: for T = 1 the reference dQ and dK are
-    exactly zero and the kernel's are float32 rounding noise (dP - delta ~ 1e-7)."""
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-2)).item()
-
-
-def qkv(B, H, Hkv, Tq, Tk, D, seed, dtype=torch.float32, device="cpu"):
-    g = torch.Generator(device=device).manual_seed(seed)
-    return [torch.randn(B, h, T, D, generator=g, device=device).to(dtype).requires_grad_()
-            for h, T in ((H, Tq), (Hkv, Tk), (Hkv, Tk))]
-
-
-def output_and_grads(fn, q, k, v, do):
-    o = fn(q, k, v)
-    return [o, *torch.autograd.grad(o, (q, k, v), do)]
-
-
-def reference_and_grads(q, k, v, do, causal=True, scale=None):
-    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
-    return output_and_grads(lambda q, k, v: kernels.reference_attention(q, k, v, causal, scale=scale),
-                            q64, k64, v64, do.double())
-
-
-def test_importing_kernels_does_not_turn_on_the_interpreter():
-    """Only `python kernels.py` without a GPU, or the caller, asks for Triton's interpreter."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", "import kernels, os; print(kernels.INTERPRET, "
-                          "os.environ.get('TRITON_INTERPRET'))"], cwd=HERE, env=env, capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["False", "None"]
-
-
-def test_kernels_cli_bad_flag_is_one_error_line():
-    out = subprocess.run([sys.executable, "kernels.py", "--bogus"], cwd=HERE, capture_output=True, text=True,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert out.returncode == 2 and out.stdout == ""
-    assert out.stderr == "error: unrecognized arguments: --bogus\n", out.stderr
-
-
-@pytest.mark.parametrize("args, says", [(["--head_dims", "48"], "not supported"),
-                                        (["--kv_heads", "3"], "do not divide"),
-                                        (["--seq_lens", "1k"], "comma-separated"),
-                                        (["--n_head", "x"], "invalid int value")])
-def test_kernels_cli_bad_values_are_one_error_line(args, says, capsys):
-    with pytest.raises(SystemExit) as stop:
-        kernels.parse_config(args)
-    err = capsys.readouterr().err
-    assert stop.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1 and says in err, err
-
-
-def test_kernels_cli_flags_reach_the_config():
-    cfg = kernels.parse_config(["--kv_heads", "8,2", "--head_dims", "128", "--fp32", "--compile_check"])
-    assert cfg.kvs() == [8, 2] and cfg.dims() == [128] and cfg.fp32 and cfg.compile_check and not cfg.fp8
-
-
-def test_metrics_are_one_strict_json_line(tmp_path, capsys):
-    assert gpt.write_metrics is kernels.write_metrics  # every script writes its metrics with this one function
-    kernels.write_metrics("kernels", {"x": float("nan"), "rows": [{"y": float("inf"), "z": 1.5}]}, str(tmp_path))
-    line = capsys.readouterr().out
-    assert line.count("\n") == 1 and "NaN" not in line and "Infinity" not in line
-    saved = (tmp_path / "kernels_metrics.json").read_text()
-    assert saved == line and json.loads(saved) == {"stage": "kernels", "x": None, "rows": [{"y": None, "z": 1.5}]}
-    assert os.listdir(tmp_path) == ["kernels_metrics.json"]  # the temporary file was renamed
-
-
-# ---------------------------------------------------------------------------------------------
-# The compile check: no GPU needed
-
-@needs_triton
-def test_compile_check_sm90_sm80_kept_tiles_compile_fit_use_wgmma_and_do_not_spill():
-    """Every kept tile of every kernel compiles for sm_90 and sm_80; its shared memory fits the
-    target's limit; on sm_90 every dot is a wgmma (each tile of every kernel has >= 64 rows: no
-    mma.sync fallback is left); nothing spills in bf16 at head dims 64 and 128; GQA's dK/dV add
-    atomically and MHA's store. (fp16 compiles to the same registers and shared memory as bf16, and the
-    non-causal kernels are the causal ones less the mask: `python kernels.py --compile_check` has both.)"""
-    rows = kernels.compile_check(targets=(90, 80), dtypes=("bf16",), head_dims=(64, 128), causals=(True,),
-                                 groups=(1, 4))
-    expected = 0
-    for target, head_dim in ((90, 64), (90, 128), (80, 64), (80, 128)):
-        for tiles in (kernels.FWD_TILES, kernels.DQ_TILES):
-            expected += len(kernels._tiles_for(tiles, target, head_dim))
-        expected += 1 + 2 * len(kernels._tiles_for(kernels.DKDV_TILES, target, head_dim))  # delta; dK/dV x 2 groups
-    assert len(rows) == expected
-    for r in rows:
-        where = f"{r['kernel']} {r['BLOCK_M']}x{r['BLOCK_N']} w{r['num_warps']} s{r['num_stages']} {r['target']} " \
-                f"D={r['head_dim']} group {r['group']}: {r}"
-        assert "error" not in r, where
-        assert r["regs"] is not None and r["spill_stores"] == 0 and r["spill_loads"] == 0, where
-        assert 0 < r["smem"] <= kernels.SMEM_LIMITS[int(r["target"][3:])] or r["kernel"] == "delta", where
-        if r["target"] == "sm_90" and r["kernel"] != "delta":
-            assert r["needs_wgmma"] and r["wgmma"] > 0 and r["mma_sync"] == 0, where
-        if r["kernel"] == "dkdv":
-            assert (r["atomics"] > 0) == (r["group"] > 1), where
-        assert r["ok"], where
-
-
-# ---------------------------------------------------------------------------------------------
-# Correctness in Triton's CPU interpreter: fp32 against the float64 reference
-
-@needs_triton
-@needs_interpreter
-@pytest.mark.parametrize("B, H, Hkv, Tq, Tk, D, causal, scale", [
-    (1, 2, 2, 1, 1, 16, True, None),        # T = 1
-    (2, 4, 1, 1, 1, 64, False, None),
-    (2, 4, 2, 17, 17, 16, True, None),      # group 2, one partial tile
-    (1, 4, 1, 17, 17, 64, False, 0.3),      # MQA (group 4), non-causal, a softmax scale
-    (1, 4, 2, 17, 17, 128, True, None),
-    (1, 2, 2, 130, 130, 16, True, None),    # MHA, several tiles and masked tails
-    (1, 4, 1, 130, 130, 64, False, None),
-    (1, 4, 2, 130, 130, 32, True, 0.05),
-    (1, 2, 2, 130, 130, 128, True, None),
-    (1, 4, 1, 130, 130, 128, False, None),
-    (1, 4, 2, 9, 40, 16, True, None),       # prefill into a KV cache: causal mask aligned bottom-right
-    (1, 4, 4, 24, 130, 128, True, None),
-    (2, 4, 1, 1, 33, 64, True, None),       # decode: one query against the cache
-    (1, 2, 1, 24, 56, 32, False, None),     # Tq != Tk without a mask
-    (1, 4, 2, 130, 17, 64, False, None),    # more queries than keys
-])
-def test_flash_matches_reference(B, H, Hkv, Tq, Tk, D, causal, scale):
-    q, k, v = qkv(B, H, Hkv, Tq, Tk, D, seed=Tq * 1000 + Tk + D)
-    do = torch.randn(B, H, Tq, D, generator=torch.Generator().manual_seed(1))
-    ours = output_and_grads(lambda q, k, v: kernels.flash_attention(q, k, v, causal, scale), q, k, v, do)
-    ref = reference_and_grads(q, k, v, do, causal, scale)
-    for name, a, b in zip(("O", "dQ", "dK", "dV"), ours, ref):
-        assert a.shape == b.shape and a.dtype == torch.float32
-        assert rel_err(a, b) < 1e-4, f"{name}: relative error {rel_err(a, b):.2e}"
-
-
-@needs_triton
-@needs_interpreter
-def test_flash_gqa_reads_shared_heads_without_copies():
-    """GQA equals MHA on explicitly repeated K/V, with dK/dV summed over the group (the group's query
-    heads add into fp32 buffers atomically, and a second backward starts again from zero), and what
-    the kernel keeps for backward holds only the n_kv_head heads (no repeated copy)."""
-    B, H, Hkv, T, D = 2, 4, 1, 40, 16
-    q, k, v = qkv(B, H, Hkv, T, T, D, seed=3)
-    do = torch.randn(B, H, T, D, generator=torch.Generator().manual_seed(4))
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
-        gqa = output_and_grads(kernels.flash_attention, q, k, v, do)
-    assert sorted(saved) == sorted([(B, H, T, D), (B, Hkv, T, D), (B, Hkv, T, D), (B, H, T, D), (B, H, T)])
-    assert gqa[2].shape == gqa[3].shape == (B, Hkv, T, D) and gqa[2].dtype == k.dtype
-    repeated = lambda q, k, v: kernels.flash_attention(q, k.repeat_interleave(H // Hkv, 1),  # noqa: E731
-                                                       v.repeat_interleave(H // Hkv, 1))
-    mha = output_and_grads(repeated, q, k, v, do)
-    for a, b in zip(gqa, mha):
-        assert rel_err(a, b) < 1e-5
-    again = output_and_grads(kernels.flash_attention, q, k, v, do)
-    for a, b in zip(gqa, again):
-        assert torch.equal(a, b)
-
-
-# ---------------------------------------------------------------------------------------------
-# Dispatch
-
-@needs_triton
-def test_dispatch_routes_and_forced_paths(monkeypatch):
-    q, k, v = qkv(1, 4, 2, 8, 8, 16, seed=5)
-    mask = torch.ones(8, 8, dtype=torch.bool)
-    for impl in ("auto", "triton"):  # what the kernel does not compute goes to SDPA
-        monkeypatch.setenv("ATTN_IMPL", impl)
-        assert kernels.select_path(q, k, v, mask=mask)[0] == "sdpa"
-        assert kernels.select_path(q, k, v, dropout_p=0.1)[0] == "sdpa"
-        assert kernels.select_path(*qkv(1, 4, 2, 8, 8, 8, seed=5))[0] == "sdpa"  # head_dim 8
-    monkeypatch.setenv("ATTN_IMPL", "auto")
-    assert kernels.select_path(q, k, v) == ("sdpa", "no CUDA tensor")  # auto: the kernel only on CUDA tensors
-    if not kernels.INTERPRET:
-        return  # the forced paths below run the kernel on these CPU tensors
-    calls = []
-
-    def spy(name):
-        fn = getattr(kernels, name)
-        return lambda *args, **kwargs: calls.append(name) or fn(*args, **kwargs)
-
-    for name in ("flash_attention", "sdpa_attention", "reference_attention"):
-        monkeypatch.setattr(kernels, name, spy(name))
-    expected = kernels.reference_attention(q, k, v)
-    for impl, name in (("triton", "flash_attention"), ("sdpa", "sdpa_attention"),
-                       ("reference", "reference_attention")):
-        monkeypatch.setenv("ATTN_IMPL", impl)
-        calls.clear()
-        out = kernels.attention(q, k, v)
-        assert calls == [name]
-        assert rel_err(out, expected) < 1e-4
-    monkeypatch.setenv("ATTN_IMPL", "triton")
-    calls.clear()
-    kernels.attention(q, k, v, mask=mask)
-    assert calls == ["sdpa_attention"]
-    monkeypatch.setenv("ATTN_IMPL", "flash")
-    with pytest.raises(ValueError):
-        kernels.attention(q, k, v)
-
-
-def test_gpu_below_compute_capability_8_is_not_tried(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
-    assert kernels.gpu_unsupported("cuda:0") == "compute capability 7.5 < 8.0"
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    assert kernels.gpu_unsupported("cuda:0") == ""
-
-
-def _kernel_fails(*args, **kwargs):
-    raise RuntimeError("PTXASError: ptxas fatal: entry function uses too much shared data\nsecond line")
-
-
-@pytest.fixture
-def fresh_dispatch(monkeypatch):
-    """A dispatch that has announced nothing and seen no failure, on which auto takes the kernel for
-    these tensors (CUDA ones on a GPU; CPU ones in the interpreter)."""
-    monkeypatch.setattr(kernels, "_failed", {})
-    monkeypatch.setattr(kernels, "_announced", set())
-    monkeypatch.setattr(kernels, "_device_unsupported", lambda q: "")
-    monkeypatch.setenv("ATTN_IMPL", "auto")
-
-
-def _dispatch_inputs():
-    device, dtype = ("cuda", torch.bfloat16) if GPU else ("cpu", torch.float32)
-    q, k, v = qkv(1, 4, 2, 33, 33, 64, seed=7, dtype=dtype, device=device)
-    return q, k, v, torch.randn_like(q)
-
-
-@needs_triton
-def test_dispatch_falls_back_to_sdpa_with_one_line_when_the_forward_fails(monkeypatch, capsys, fresh_dispatch):
-    q, k, v, do = _dispatch_inputs()
-    assert kernels.select_path(q, k, v) == ("triton", "auto")
-    monkeypatch.setattr(kernels, "_flash_forward", _kernel_fails)
-    outs = [kernels.attention(q, k, v) for _ in range(3)]
-    lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 1 and "sdpa" in lines[0] and "failed" in lines[0] and "too much shared data" in lines[0]
-    assert "second line" not in lines[0]
-    assert kernels.select_path(q, k, v)[0] == "sdpa"  # that class of calls no longer tries the kernel
-    expected = kernels.sdpa_attention(q, k, v)
-    assert all(torch.equal(o, expected) for o in outs)
-    monkeypatch.setenv("ATTN_IMPL", "triton")  # forced: strict
-    with pytest.raises(RuntimeError, match="too much shared data"):
-        kernels.attention(q, k, v)
-
-
-@needs_triton
-def test_dispatch_backward_failure_recomputes_gradients_with_sdpa(monkeypatch, capsys, fresh_dispatch):
-    if not (GPU or kernels.INTERPRET):
-        pytest.skip("the forward kernel needs a GPU or the interpreter")
-    q, k, v, do = _dispatch_inputs()
-    monkeypatch.setattr(kernels, "_flash_backward", _kernel_fails)
-    ours = output_and_grads(kernels.attention, q, k, v, do)
-    lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 2 and "path: triton" in lines[0] and "failed" in lines[1] and "sdpa" in lines[1]
-    ref = reference_and_grads(q, k, v, do)
-    for name, a, b in zip(("O", "dQ", "dK", "dV"), ours, ref):
-        assert rel_err(a, b) < (2e-2 if GPU else 1e-4), name
-    monkeypatch.setenv("ATTN_IMPL", "triton")  # forced: the backward raises
-    with pytest.raises(RuntimeError, match="too much shared data"):
-        output_and_grads(kernels.attention, q, k, v, do)
-
-
-# ---------------------------------------------------------------------------------------------
-# On a GPU: the compiled kernel in bf16 and fp16 against the float64 reference
-
-@needs_gpu
-@pytest.mark.parametrize("dtype, B, H, Hkv, Tq, Tk, D, causal", [
-    (torch.bfloat16, 2, 8, 2, 1000, 1000, 128, True),   # GQA, T not a multiple of any tile
-    (torch.bfloat16, 1, 4, 4, 4096, 4096, 64, True),    # MHA, long
-    (torch.bfloat16, 1, 8, 1, 777, 777, 64, False),     # MQA, full
-    (torch.bfloat16, 1, 4, 2, 300, 1100, 128, True),    # prefill into a cache
-    (torch.float16, 2, 8, 2, 1000, 1000, 128, True),
-    (torch.float16, 1, 4, 2, 300, 1100, 128, True),
-])
-def test_flash_on_gpu_matches_reference(monkeypatch, dtype, B, H, Hkv, Tq, Tk, D, causal):
-    """Within bf16 / fp16 rounding of the float64 reference on the same inputs, and no worse than twice
-    SDPA's error plus a margin; auto dispatch takes the kernel and does not fall back."""
-    q, k, v = qkv(B, H, Hkv, Tq, Tk, D, seed=Tq + D, dtype=dtype, device="cuda")
-    do = torch.randn_like(q)
-    monkeypatch.setattr(kernels, "_failed", {})
-    monkeypatch.setenv("ATTN_IMPL", "auto")
-    assert kernels.select_path(q, k, v, causal) == ("triton", "auto")
-    ours = output_and_grads(lambda q, k, v: kernels.attention(q, k, v, causal), q, k, v, do)
-    assert not kernels._failed
-    sdpa = output_and_grads(lambda q, k, v: kernels.sdpa_attention(q, k, v, causal), q, k, v, do)
-    ref = reference_and_grads(q, k, v, do, causal)
-    tol = 3e-2 if dtype == torch.bfloat16 else 1e-2
-    for name, a, s, b in zip(("O", "dQ", "dK", "dV"), ours, sdpa, ref):
-        assert a.dtype == dtype and torch.isfinite(a).all(), name
-        err, sdpa_err = rel_err(a, b), rel_err(s, b)
-        assert err < tol and err < 2 * sdpa_err + 2e-3, f"{name}: {err:.2e} (SDPA {sdpa_err:.2e})"
-
-
-@needs_triton
-@needs_interpreter
-def test_gpt_trains_the_same_with_triton_and_sdpa(monkeypatch):
-    cfg = GPTConfig(block_size=32, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)  # head_dim 16
-    idx = torch.randint(0, 256, (2, 33), generator=torch.Generator().manual_seed(6))
-    losses = {}
-    for impl in ("sdpa", "triton"):
-        monkeypatch.setenv("ATTN_IMPL", impl)
-        torch.manual_seed(0)
-        model = GPT(cfg)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        losses[impl] = []
-        for _ in range(4):
-            loss = lm_loss(model(idx[:, :-1]), idx[:, 1:])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses[impl].append(loss.item())
-    assert losses["triton"][-1] < losses["triton"][0]
-    assert max(abs(a - b) for a, b in zip(losses["sdpa"], losses["triton"])) < 1e-4, losses
-
-
-
-
-# ---------------------------------------------------------------------------------------------
-
-
-# ---------------------------------------------------------------------------------------------
-# FP8 scaled casts and matmul (notes 7)
-
-# Round to nearest with m mantissa bits errs by at most half the ULP@1 of notes Table 4, relatively:
-# e4m3 ULP@1 = 2^-3 -> 2^-4, e5m2 ULP@1 = 2^-2 -> 2^-3 (for numbers in the normal range).
-FP8_REL = {"e4m3": 2 ** -4, "e5m2": 2 ** -3}
-FP8_MAX = {"e4m3": 448.0, "e5m2": 57344.0}
-FP8_MIN_NORMAL = {"e4m3": 2.0 ** -6, "e5m2": 2.0 ** -14}
-
-
-def spread_rows(n, d, seed, decades=3):
-    """(n, d) Gaussian rows whose scales span `decades` orders of magnitude."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, d, generator=g) * 10 ** (decades * torch.rand(n, 1, generator=g) - decades / 2)
-
-
-def ref_scale(x, fmt, scaling):
-    """S = fp8 max / amax, computed independently in float64."""
-    amax = x.double().abs().amax(-1, keepdim=True) if scaling == "channel" else x.double().abs().amax()
-    return FP8_MAX[fmt] / amax
-
-
-@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
-@pytest.mark.parametrize("scaling", ["tensor", "channel"])
-def test_fp8_scaled_cast_round_trip_within_format_precision(fmt, scaling):
-    x = spread_rows(64, 128, seed=0)
-    x8, s = kernels.to_fp8(x, fmt, scaling)
-    assert x8.dtype == kernels.FP8_DTYPES[fmt] and x8.shape == x.shape
-    back = kernels.from_fp8(x8, s)
-    normal = (x.double() * ref_scale(x, fmt, scaling)).abs() >= FP8_MIN_NORMAL[fmt]  # in the normal range
-    assert normal.float().mean() > 0.5
-    rel = ((back.double() - x.double()).abs() / x.double().abs())[normal]
-    assert rel.max() <= FP8_REL[fmt] * (1 + 1e-5), rel.max()  # fp32 multiply/divide by S: ~1e-7
-    assert rel.max() > 0.5 * FP8_REL[fmt]  # really rounded to 1 + m bits (bf16 would err 16x less)
-
-
-@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
-def test_fp8_scale_maps_amax_to_the_format_max_and_zeros_stay_finite(fmt):
-    x = spread_rows(16, 40, seed=1)
-    for scaling in ("tensor", "channel"):
-        x8, s = kernels.to_fp8(x, fmt, scaling)
-        assert torch.allclose(s.double(), ref_scale(x, fmt, scaling), rtol=1e-6)
-        at_max = x.abs() == (x.abs().amax(-1, keepdim=True) if scaling == "channel" else x.abs().amax())
-        assert at_max.sum() >= (16 if scaling == "channel" else 1)
-        assert (x8.float().abs()[at_max] == FP8_MAX[fmt]).all()  # amax lands exactly on the largest value
-        assert x8.float().abs().max() == FP8_MAX[fmt]
-    x[3] = 0.0  # a silent channel, and then an all-zero tensor
-    for z, scaling in ((x, "channel"), (torch.zeros(16, 40), "tensor"), (torch.zeros(16, 40), "channel")):
-        x8, s = kernels.to_fp8(z, fmt, scaling)
-        back = kernels.from_fp8(x8, s)
-        assert torch.isfinite(s).all() and torch.isfinite(back).all()
-        assert (back[3] == 0).all()
-        o = kernels.fp8_matmul(z, z, fmt, scaling)
-        assert torch.isfinite(o).all() and (o[3] == 0).all() and (o[:, 3] == 0).all()
-
-
-@pytest.mark.parametrize("fmt, ratio", [("e4m3", 1e5), ("e5m2", 1e10)])
-def test_fp8_per_channel_scaling_keeps_the_quiet_rows_that_per_tensor_loses(fmt, ratio):
-    """4 token rows louder than the rest by more than the format's normal range (max / smallest normal):
-    one per-tensor scale pushes the quiet rows below the normal range, one scale per row does not."""
-    assert ratio > FP8_MAX[fmt] / FP8_MIN_NORMAL[fmt]
-    g = torch.Generator().manual_seed(2)
-    x, w = torch.randn(64, 128, generator=g), torch.randn(32, 128, generator=g) / math.sqrt(128)
-    x[:4] *= ratio
-    ref = x.double() @ w.double().t()
-    err = {}
-    for scaling in ("none", "tensor", "channel"):
-        o = kernels.fp8_matmul(x, w, fmt, scaling).double()
-        quiet = ((o[4:] - ref[4:]).norm() / ref[4:].norm()).item()
-        loud = ((o[:4] - ref[:4]).norm() / ref[:4].norm()).item()
-        cast = kernels.from_fp8(*kernels.to_fp8(x, fmt, scaling))[4:]
-        err[scaling] = quiet, loud, ((cast - x[4:]).norm() / x[4:].norm()).item()
-    assert err["channel"][0] < 2 * FP8_REL[fmt] and err["channel"][2] < FP8_REL[fmt]
-    assert err["tensor"][0] > 3 * err["channel"][0] and err["tensor"][2] > 3 * err["channel"][2]  # the quiet rows
-    assert err["tensor"][1] < 2 * FP8_REL[fmt] and err["channel"][1] < 2 * FP8_REL[fmt]  # loud rows fine in both
-    assert err["none"][1] > 0.5  # unscaled: the loud rows saturate at the format's max
-
-
-@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
-@pytest.mark.parametrize("scaling", ["tensor", "channel"])
-def test_fp8_matmul_emulation_within_the_derived_error_bound(fmt, scaling):
-    """Each operand errs by at most e = u|a| + eta/S elementwise (u = 2^-(m+1) in the normal range, eta =
-    half the subnormal spacing below it, in scaled units), so |O8 - O| <= |X| e_W^T + e_X |W|^T + e_X e_W^T."""
-    x, w = spread_rows(24, 64, seed=3), spread_rows(40, 64, seed=4)  # n != d_out: a wrong outer product fails
-    o8 = kernels.fp8_matmul(x, w, fmt, scaling).double()
-    X, W = x.double(), w.double()
-    u, eta = FP8_REL[fmt], FP8_MIN_NORMAL[fmt] * 2 * FP8_REL[fmt] / 2
-    ex, ew = u * X.abs() + eta / ref_scale(x, fmt, scaling), u * W.abs() + eta / ref_scale(w, fmt, scaling)
-    bound = X.abs() @ ew.t() + ex @ W.abs().t() + ex @ ew.t() + 1e-5 * X.abs() @ W.abs().t()  # + fp32 sums
-    err = (o8 - X @ W.t()).abs()
-    assert (err <= bound).all(), (err / bound).max()
-    assert (err / bound).max() > 0.05  # the bound is not vacuous: the inputs really were rounded to FP8
-
-
-def test_fp8_per_channel_matmul_is_exactly_equivariant_to_power_of_two_row_scales():
-    """Per channel, scaling a row of X or W by 2^k scales its S by 2^-k: the same float8 values, and the
-    output row or column scaled by exactly 2^k. One scale per tensor does not have this property."""
-    g = torch.Generator().manual_seed(5)
-    x, w = torch.randn(16, 32, generator=g), torch.randn(24, 32, generator=g)
-    dx = 2.0 ** torch.randint(-20, 21, (16, 1), generator=g).float()
-    dw = 2.0 ** torch.randint(-20, 21, (24, 1), generator=g).float()
-    for fmt in ("e4m3", "e5m2"):
-        o = kernels.fp8_matmul(x, w, fmt, "channel")
-        assert torch.equal(kernels.fp8_matmul(dx * x, dw * w, fmt, "channel"), dx * o * dw.t())
-        per_tensor = kernels.fp8_matmul(dx * x, dw * w, fmt, "tensor")
-        assert not torch.equal(per_tensor, dx * kernels.fp8_matmul(x, w, fmt, "tensor") * dw.t())
-
-
-@pytest.mark.parametrize("scaling", ["tensor", "channel"])
-def test_fp8_scaled_mm_call_conventions_match_the_emulation(scaling):
-    """The hardware call (inverse scales, column-major second operand, scale shapes) gives the emulation's
-    result. Runs where torch._scaled_mm runs: FP8 GPUs, and recent CPU builds of torch."""
-    device = "cuda" if torch.cuda.is_available() and not kernels.fp8_gemm_unsupported(
-        torch.zeros(16, 16, device="cuda"), torch.zeros(16, 16, device="cuda")) else "cpu"
-    x, w = spread_rows(32, 64, seed=6).to(device), spread_rows(48, 64, seed=7).to(device)
-    (x8, sx), (w8, sw) = kernels.to_fp8(x, "e4m3", scaling), kernels.to_fp8(w, "e4m3", scaling)
-    try:
-        hw = kernels._scaled_mm(x8, sx, w8, sw)
-    except (RuntimeError, NotImplementedError) as e:
-        pytest.skip(f"torch._scaled_mm does not run on {device}: {str(e).splitlines()[0]}")
-    emulated = (x8.double() @ w8.double().t()) / (sx.double() * sw.double().t())
-    tol = 2 ** -8 if scaling == "channel" else 1e-5  # row-wise output is bf16
-    assert ((hw.double() - emulated).abs() <= tol * (x8.double().abs() @ w8.double().abs().t())
-            / (sx.double() * sw.double().t())).all()
-
-
-# =============================================================================================
-# 3. sft.py
+# 4. sft.py
 
 # ---------------------------------------------------------------------------------------------
 # the task and the SFT loss (notes 10.3)
@@ -1667,7 +1678,7 @@ def test_sft_config_validation_for_peft():
 
 def test_finetune_saves_qlora_merged_and_adapters_beside_sft_pt(tmp_path):
     task = sft.TaskConfig(heldout=4)
-    train_cfg = gpt.TrainConfig(max_steps=3, batch_size=4, eval_interval=3, device="cpu", compile="off",
+    train_cfg = train.TrainConfig(max_steps=3, batch_size=4, eval_interval=3, device="cpu", compile="off",
                                 out_dir=str(tmp_path), lr=1e-2)
     ids = torch.randint(0, 256, (2, 10))
     # QLoRA: out_dir/sft.pt is a plain GPT holding the dequantised base plus the LoRA update
@@ -1704,7 +1715,7 @@ def test_sft_prefix_lm_fine_tunes_the_same_weights_under_a_prefix_lm_mask(tmp_pa
     x = torch.tensor([[BOS, 40, 41, 42, SEP, 60, 61]])
     want = GPT(dataclasses.replace(causal.cfg, prefix_lm=True)).eval()
     want.load_state_dict(causal.state_dict())
-    cfg = gpt.TrainConfig(max_steps=1, batch_size=2, lr=1e-12, min_lr=0.0, warmup_steps=0, weight_decay=0.0,
+    cfg = train.TrainConfig(max_steps=1, batch_size=2, lr=1e-12, min_lr=0.0, warmup_steps=0, weight_decay=0.0,
                           eval_interval=1, device="cpu", out_dir=str(tmp_path))
     model, _ = sft.finetune(causal, sft.TaskConfig(heldout=4), sft.SFTConfig(prefix_lm=True), cfg)
     assert model.cfg.prefix_lm and not causal.cfg.prefix_lm
@@ -1745,7 +1756,7 @@ def test_sft_seed_sweep_runs_each_seed_from_one_pretrained_model(tmp_path, pretr
     assert r.returncode == 0, r.stderr
     m = json.loads((out / "sft_seeds_metrics.json").read_text())
     assert last_json_line(r) == m and set(m["runs"]) == {"3", "4"}
-    runs = [gpt.load_checkpoint(str(out / f"seed_{s}" / "sft.pt")) for s in (3, 4)]
+    runs = [train.load_checkpoint(str(out / f"seed_{s}" / "sft.pt")) for s in (3, 4)]
     assert [c["train_config"]["seed"] for c in runs] == [3, 4] and all(c["finished"] for c in runs)
     assert not torch.equal(runs[0]["model"]["wte.weight"], runs[1]["model"]["wte.weight"])  # other batches
     acc = [m["runs"][s]["accuracy"] for s in ("3", "4")]
@@ -1753,7 +1764,7 @@ def test_sft_seed_sweep_runs_each_seed_from_one_pretrained_model(tmp_path, pretr
 
 
 # =============================================================================================
-# 4. reward.py
+# 5. reward.py
 
 # ---------------------------------------------------------------------------------------------
 # the labeller, the losses, the reward model (notes 10.5, stage 2)
@@ -1826,7 +1837,7 @@ def test_reward_model_training_raises_heldout_accuracy(tmp_path):
     loss_fn = lambda net, b: (reward.preference_loss(reward.score(net, b, "cpu"), reward.RewardConfig()), {})  # noqa
     with torch.no_grad():
         before = accuracy(rm)
-    gpt.train(rm, cfg, get, loss_fn)
+    train.train(rm, cfg, get, loss_fn)
     with torch.no_grad():
         after = accuracy(rm.eval())
     ceiling = reward.noise_ceiling(eval_data, 0.1)
@@ -1918,7 +1929,7 @@ def test_latent_cross_attention_scores_are_M_by_L(monkeypatch):
 def test_latent_reward_model_trains_saves_and_loads(tmp_path, monkeypatch):
     """train_reward with --pooling latent end to end (a tiny random policy in place of sft.pt), and
     load_reward_model gives back the same model."""
-    with pytest.raises(gpt.UserError):
+    with pytest.raises(train.UserError):
         reward.RewardConfig(n_latents=0)
     torch.manual_seed(0)
     policy = GPT(tiny())
@@ -1953,12 +1964,12 @@ def test_reward_main_end_to_end(reward_trained):
     assert last_json_line(r) == metrics
     assert 0.5 <= metrics["noise_ceiling"] <= 1 and 0 <= metrics["pairwise_accuracy"] <= 1
     rm = reward.load_reward_model(str(out / "reward.pt"))
-    ckpt = gpt.load_checkpoint(str(out / "reward.pt"))
+    ckpt = train.load_checkpoint(str(out / "reward.pt"))
     assert isinstance(rm, reward.RewardModel) and ckpt["finished"] and ckpt["built_from"]["sft"]["stage"] == "sft"
 
 
 # =============================================================================================
-# 5. ppo.py (notes 10.5-10.7): GAE against its explicit sums, the clipped surrogate's gradient, REINFORCE's
+# 6. ppo.py (notes 10.5-10.7): GAE against its explicit sums, the clipped surrogate's gradient, REINFORCE's
 # baseline, the first inner step, and convergence to the closed-form optimum on a bandit
 
 @pytest.mark.parametrize("make, words", [
@@ -2361,8 +2372,8 @@ def test_ppo_with_dropout_starts_on_policy(tmp_path, fine_tuned, reward_trained,
     step, on the whole rollout, has the ratio exactly 1: nothing clipped, no KL to theta_old. In train mode
     dropout's noise would count as a policy change."""
     out = stage_dir(tmp_path, reward_trained[1] / "reward.pt")
-    ckpt = gpt.load_checkpoint(str(fine_tuned[1] / "sft.pt"))
-    gpt.save_checkpoint(str(out / "sft.pt"), **{**ckpt, "config": {**ckpt["config"], "dropout": 0.1}})
+    ckpt = train.load_checkpoint(str(fine_tuned[1] / "sft.pt"))
+    train.save_checkpoint(str(out / "sft.pt"), **{**ckpt, "config": {**ckpt["config"], "dropout": 0.1}})
     first, real = [], ppo.ppo_loss
 
     def recording(*args):
@@ -2371,7 +2382,7 @@ def test_ppo_with_dropout_starts_on_policy(tmp_path, fine_tuned, reward_trained,
         return loss, stats
 
     monkeypatch.setattr(ppo, "ppo_loss", recording)
-    monkeypatch.setattr(gpt.Trainer, "active", None)
+    monkeypatch.setattr(train.Trainer, "active", None)
     code, err = main_in_process(ppo, ["--out_dir", str(out), "--max_steps", "1", "--eval_interval", "1",
                                       "--batch_size", "4", "--epochs", "1", "--minibatches", "1", "--heldout", "8",
                                       *CPU], capsys)
@@ -2400,7 +2411,7 @@ def test_ppo_main_end_to_end(tmp_path, fine_tuned, reward_trained, flags):
 
 
 # =============================================================================================
-# 6. dpo.py: the DPO family, checked on a bandit against the closed-form optimum; the RPO term against the SFT
+# 7. dpo.py: the DPO family, checked on a bandit against the closed-form optimum; the RPO term against the SFT
 #    loss (notes 10.8)
 
 def test_dpo_at_initialisation_is_ln2_with_zero_implicit_rewards():
@@ -2544,7 +2555,7 @@ def test_answer_stats_against_a_token_by_token_computation():
 
 
 # =============================================================================================
-# 7. gpro.py: GPRO's weighted likelihood reaches pi* as K grows; GRPO's options, each against its formula
+# 8. gpro.py: GPRO's weighted likelihood reaches pi* as K grows; GRPO's options, each against its formula
 #    (notes 10.9)
 
 @pytest.mark.parametrize("make, words", [(lambda: gpro.GPROConfig(kl_coef=-1), "kl_coef >= 0"),
@@ -2615,7 +2626,7 @@ def test_gpro_main_end_to_end(tmp_path, fine_tuned, reward_trained, flags):
     metrics = json.loads((out / "gpro_metrics.json").read_text())
     assert last_json_line(r) == metrics
     assert metrics["algo"] == flags[1] and 0 <= metrics["after"]["sample_accuracy"] <= 1
-    assert gpt.load_checkpoint(str(out / f"{flags[1]}.pt"))["finished"]
+    assert train.load_checkpoint(str(out / f"{flags[1]}.pt"))["finished"]
 
 
 @pytest.mark.parametrize("scale", ["group", "batch", "none"])
@@ -2734,12 +2745,12 @@ def test_grpo_main_with_several_updates_per_rollout(tmp_path, fine_tuned, flags)
     assert metrics["steps"] == 5 and metrics["algo"] == "grpo"
     for key in gpro.CLIP_KEYS:
         assert 0 <= metrics[key] <= 1
-    ckpt = gpt.load_checkpoint(str(out / "grpo.pt"))
+    ckpt = train.load_checkpoint(str(out / "grpo.pt"))
     assert ckpt["finished"] and ckpt["gpro"]["mu"] == 2
 
 
 # =============================================================================================
-# 8. diffusion_toy.py (homework problem 1 and problem 4). Every closed form is checked against an
+# 9. diffusion_toy.py (homework problem 1 and problem 4). Every closed form is checked against an
 # independent computation: the homework's own finite-T formula (eq. 1), a product derived by hand,
 # Euler-Maclaurin for the dt -> 0 gap, direct Gaussian conditioning from a joint covariance matrix,
 # or a Monte-Carlo simulation written out here.
@@ -3038,7 +3049,7 @@ def test_diffusion_main_end_to_end(tmp_path, capsys):
 
 
 # =============================================================================================
-# 9. Off the happy path: every bad value and failure ends in one line that says what to do, exit status 2
+# 10. Off the happy path: every bad value and failure ends in one line that says what to do, exit status 2
 # (130 for Ctrl-C, 0 for --resume of a finished run), no traceback, and nothing trained is lost
 
 def assert_one_error_line(code, err, status, words):
@@ -3052,7 +3063,7 @@ def assert_one_error_line(code, err, status, words):
 def main_in_process(module, argv, capsys):
     """module.main(argv) the way `python module.py argv` runs it: (exit status, stderr)."""
     try:
-        gpt.run_main(lambda: module.main(argv))
+        train.run_main(lambda: module.main(argv))
         code = 0
     except SystemExit as e:
         code = e.code
@@ -3086,8 +3097,8 @@ def test_bad_values_are_caught_when_the_flags_are_parsed(tmp_path, capsys, modul
 
 def unfinished_copy(src, dst, **fields):
     """dst: the checkpoint src as a run that stopped at step 2 of its max_steps (or with other fields)."""
-    ckpt = gpt.load_checkpoint(str(src))
-    gpt.save_checkpoint(str(dst), **{**ckpt, "finished": False, "step": 2, **fields})
+    ckpt = train.load_checkpoint(str(src))
+    train.save_checkpoint(str(dst), **{**ckpt, "finished": False, "step": 2, **fields})
 
 
 def test_resume_of_a_finished_run_prints_its_metrics_and_rerunning_never_overwrites(tmp_path, corpus, pretrained,
@@ -3122,8 +3133,8 @@ def test_resume_and_upstream_checkpoints_are_checked(tmp_path, corpus, pretraine
         args, words = ["gpt.py", "--data", corpus, *TINY_FLAGS, "--resume", "--lr", "1e-3"], ["--lr=0.003", "0.001",
                                                                                              "--overwrite"]
     elif case == "missing fields":  # a checkpoint without the optimizer state and step resume needs
-        ckpt = gpt.load_checkpoint(str(pretrained[1] / "gpt.pt"))
-        gpt.save_checkpoint(str(out / "gpt.pt"), model=ckpt["model"], config=ckpt["config"], finished=False)
+        ckpt = train.load_checkpoint(str(pretrained[1] / "gpt.pt"))
+        train.save_checkpoint(str(out / "gpt.pt"), model=ckpt["model"], config=ckpt["config"], finished=False)
         args, words = ["gpt.py", "--data", corpus, *TINY_FLAGS, "--resume"], ["cannot resume", "--overwrite"]
     elif case == "another task":  # an sft.pt trained on 3 digits, a DPO run on 2
         shutil.copy(fine_tuned[1] / "sft.pt", out)
@@ -3143,7 +3154,7 @@ def test_a_non_finite_loss_never_reaches_a_checkpoint(tmp_path, corpus):
     assert_one_error_line(r.returncode, r.stderr, 2, ["became", "lower --lr"])
     path = tmp_path / "out" / "gpt.pt"
     if path.exists():  # a checkpoint written before the loss blew up holds a finite validation loss
-        assert math.isfinite(gpt.load_checkpoint(str(path))["metrics"]["val_loss"])
+        assert math.isfinite(train.load_checkpoint(str(path))["metrics"]["val_loss"])
 
 
 @pytest.mark.parametrize("case", ["read-only", "a file", "cannot be created"])
@@ -3196,7 +3207,7 @@ def test_two_runs_on_one_out_dir_and_ctrl_c(tmp_path, corpus):
         first.kill()
     line = assert_one_error_line(first.returncode, err, 130, ["stopped at step", "of 100000", "is kept", "--resume"])
     kept = int(line.split("from step ")[1].split()[0])
-    assert gpt.load_checkpoint(str(out / "gpt.pt"))["step"] == kept > 0 and not (out / ".lock").exists()
+    assert train.load_checkpoint(str(out / "gpt.pt"))["step"] == kept > 0 and not (out / ".lock").exists()
     assert not list(out.glob("*.tmp"))
 
 
@@ -3204,7 +3215,7 @@ def test_running_out_of_memory_is_one_line_with_what_to_lower_and_what_is_kept(t
                                                                                monkeypatch):
     """A GPU's out-of-memory error at step 3, after the checkpoint of step 2: one line and exit status 1; the
     CPU allocator's failure (a RuntimeError) too; any other RuntimeError stays a traceback (a bug)."""
-    monkeypatch.setattr(gpt.Trainer, "active", None)
+    monkeypatch.setattr(train.Trainer, "active", None)
     calls, real_loss = [], gpt.lm_loss
 
     def lm_loss(logits, targets):  # called once per training step and eval_batches = 2 times per validation
@@ -3217,8 +3228,8 @@ def test_running_out_of_memory_is_one_line_with_what_to_lower_and_what_is_kept(t
     code, err = main_in_process(gpt, ["--data", corpus, "--out_dir", str(tmp_path / "out"), *TINY_FLAGS,
                                       "--max_steps", "100"], capsys)
     assert_one_error_line(code, err, 1, ["out of GPU memory", "--batch_size", "from step 2 is kept", "--resume"])
-    assert gpt.load_checkpoint(str(tmp_path / "out" / "gpt.pt"))["step"] == 2
-    monkeypatch.setattr(gpt.Trainer, "active", None)
+    assert train.load_checkpoint(str(tmp_path / "out" / "gpt.pt"))["step"] == 2
+    monkeypatch.setattr(train.Trainer, "active", None)
 
     class Allocates:
         @staticmethod
@@ -3232,7 +3243,7 @@ def test_running_out_of_memory_is_one_line_with_what_to_lower_and_what_is_kept(t
         raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
 
     with pytest.raises(RuntimeError, match="shapes"):
-        gpt.run_main(bug)
+        train.run_main(bug)
 
 
 def test_progress_in_a_log_is_plain_lines(tmp_path, corpus):
@@ -3245,7 +3256,7 @@ def test_progress_in_a_log_is_plain_lines(tmp_path, corpus):
 
 def test_a_failed_write_leaves_no_temporary_file_and_the_old_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "m.pt"
-    gpt.save_checkpoint(str(path), model={"w": torch.ones(2)})
+    train.save_checkpoint(str(path), model={"w": torch.ones(2)})
     before = path.read_bytes()
 
     def disk_full(obj, f):
@@ -3254,12 +3265,12 @@ def test_a_failed_write_leaves_no_temporary_file_and_the_old_checkpoint(tmp_path
 
     monkeypatch.setattr(torch, "save", disk_full)
     with pytest.raises(OSError):
-        gpt.save_checkpoint(str(path), model={"w": torch.zeros(2)})
+        train.save_checkpoint(str(path), model={"w": torch.zeros(2)})
     assert path.read_bytes() == before and not list(tmp_path.glob("*.tmp"))
     monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 ** 9, 10 ** 9 - 10 ** 6, 10 ** 6))
     with pytest.raises(UserError, match="MiB free"):
-        gpt.claim_out_dir(str(tmp_path / "full"))
-    gpt.remove_quietly(str(tmp_path / "full" / ".lock"))
+        train.claim_out_dir(str(tmp_path / "full"))
+    train.remove_quietly(str(tmp_path / "full" / ".lock"))
 
 
 def test_an_error_under_torchrun_is_one_line_from_rank_0(tmp_path, corpus):
@@ -3269,7 +3280,7 @@ def test_an_error_under_torchrun_is_one_line_from_rank_0(tmp_path, corpus):
 
 
 # =============================================================================================
-# 10. The whole chain from an empty out_dir
+# 11. The whole chain from an empty out_dir
 
 def test_whole_chain_from_an_empty_out_dir(tmp_path, monkeypatch, corpus):
     """`python ppo.py` on a fresh clone trains every earlier stage it needs (pretraining, SFT, the reward model),
@@ -3287,13 +3298,13 @@ def test_whole_chain_from_an_empty_out_dir(tmp_path, monkeypatch, corpus):
     cfg = TrainConfig(max_steps=4, batch_size=4, eval_interval=4, seed=7, device="cpu", out_dir=str(tmp_path))
     ppo.train_ppo(task, ppo.PPOConfig(), cfg)
     for stage in ("gpt", "sft", "reward", "ppo"):
-        ckpt = gpt.load_checkpoint(str(tmp_path / f"{stage}.pt"))
+        ckpt = train.load_checkpoint(str(tmp_path / f"{stage}.pt"))
         assert ckpt["finished"] and ckpt["stage"] == stage
         assert (ckpt["train_config"]["seed"], ckpt["train_config"]["device"]) == (7, "cpu")
         assert json.loads((tmp_path / f"{stage}_metrics.json").read_text())["stage"] == stage
     for stage in ("sft", "reward", "ppo"):
-        assert gpt.load_checkpoint(str(tmp_path / f"{stage}.pt"))["task"] == {"digits": 2, "slip": 0.4}
-    chain = gpt.load_checkpoint(str(tmp_path / "ppo.pt"))["built_from"]
+        assert train.load_checkpoint(str(tmp_path / f"{stage}.pt"))["task"] == {"digits": 2, "slip": 0.4}
+    chain = train.load_checkpoint(str(tmp_path / "ppo.pt"))["built_from"]
     assert chain["sft"]["built_from"]["gpt"]["config"] == dataclasses.asdict(model_cfg)
     policy, _ = gpt.load_model(str(tmp_path / "ppo.pt"))
     assert policy.cfg == model_cfg
