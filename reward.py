@@ -89,18 +89,21 @@ def make_comparisons(policy, task, n, k, tau, temperature, seed, heldout=False):
     rewards). k = 2 gives preference pairs (chosen, rejected). A prompt whose k samples are all the
     same says nothing and is replaced by a fresh prompt."""
     rng = random.Random(seed)
-    data = []
-    for _ in range(20):
+    data, asked = [], 0
+    while len(data) < n:  # each round draws as many fresh prompts as comparisons are still missing
         prompts = sft.sample_prompts(task, n - len(data), rng, heldout=heldout)
         for p, ys in zip(prompts, sample_responses(policy, task, prompts, k, temperature, rng.randrange(2 ** 31))):
             if len({tuple(y) for y in ys}) > 1:
                 r = sft.true_rewards([p] * k, ys)
                 order = plackett_luce_ranking(r, tau, rng)
                 data.append((p, [ys[i] for i in order], [r[i] for i in order]))
-        if len(data) == n:
-            return data
-    raise UserError(f"the policy's {k} samples per prompt are too often identical to make {n} comparisons: "
-                    "raise --sample_temperature")
+        asked += len(prompts)
+        # the missing ones shrink by the share of usable prompts each round (geometrically, however many rounds
+        # that takes); a policy that almost never differs would not finish
+        if len(data) < n and len(data) < 0.05 * asked:
+            raise UserError(f"the policy's {k} samples per prompt are too often identical to make {n} comparisons: "
+                            "raise --sample_temperature")
+    return data
 
 
 def noise_ceiling(data, tau):

@@ -1769,6 +1769,29 @@ def test_sft_seed_sweep_runs_each_seed_from_one_pretrained_model(tmp_path, pretr
 # ---------------------------------------------------------------------------------------------
 # the labeller, the losses, the reward model (notes 10.5, stage 2)
 
+def test_comparisons_are_made_however_many_rounds_identical_samples_take(monkeypatch):
+    """A policy whose two samples agree on 70% of prompts (a well fine-tuned one at T = 1) needs about
+    log(n) / log(1 / 0.7) rounds of fresh prompts: every comparison is made, each of two distinct responses
+    ranked; one that almost never differs is one line that says what to raise."""
+    task = sft.TaskConfig()
+    calls = []
+
+    def fake_samples(policy, task, prompts, k, temperature, seed, batch=256):
+        rng = random.Random(seed)
+        calls.append(len(prompts))
+        return [[[1, 2], [1, 2]] if rng.random() < same else [[1, 2], [3, 4]] for _ in prompts]
+
+    monkeypatch.setattr(reward, "sample_responses", fake_samples)
+    same = 0.7
+    data = reward.make_comparisons(None, task, 3000, 2, 0.1, 1.0, seed=0)
+    assert len(data) == 3000 and all(ys[0] != ys[1] for _, ys, _ in data)
+    assert len(calls) > 20 and calls[0] == 3000  # more rounds than the fixed 20 that used to be allowed
+    same, calls[:] = 0.999, []
+    with pytest.raises(UserError, match="too often identical.*--sample_temperature"):
+        reward.make_comparisons(None, task, 3000, 2, 0.1, 1.0, seed=0)
+    assert len(calls) == 1  # told after the first round, not after sampling for ever
+
+
 def test_labeller_preference_rate_matches_bradley_terry():
     rng = random.Random(0)
     for r1, r2, tau in ((1.0, 0.75, 0.1), (0.5, 0.75, 0.2), (0.7, 0.7, 0.1)):
