@@ -195,6 +195,44 @@ def test_checkpoint_round_trip_and_exact_resume(tmp_path):
     assert torch.equal(loaded.eval()(x), straight.eval()(x))
 
 
+def test_the_learning_curve_holds_every_validation_and_survives_a_resume(tmp_path):
+    """result["curve"]: one entry per validation (every eval_interval steps and at the end) with its step, the
+    training seconds so far and the figures evaluate() returned there; a resumed run's curve is the
+    uninterrupted one's (the entries before the crash come from the checkpoint)."""
+    x = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(5))
+
+    def run(out, crash_at=None, resume=False):
+        torch.manual_seed(0)
+        model = GPT(tiny())
+        data = torch.randint(0, 256, (5000,), generator=torch.Generator().manual_seed(1)).numpy().astype("uint16")
+        cfg = TrainConfig(max_steps=7, batch_size=4, lr=1e-2, warmup_steps=2, eval_interval=3, out_dir=str(out),
+                          resume=resume, seed=0, device="cpu")
+        steps = []
+
+        def loss_fn(net, batch):
+            if len(steps) == crash_at:
+                raise Crash
+            steps.append(1)
+            return lm_loss(net(batch[0]), batch[1]), {"tokens": batch[0].numel()}
+
+        evaluate = lambda m: {"fixed_loss": lm_loss(m(x[:, :-1]), x[:, 1:]).item(), "note": "not a number"}
+        result = train.train(model, cfg, gpt.corpus_batches(data, 4, 64, seed=1), loss_fn, evaluate,
+                             str(out / "m.pt"), {"config": dataclasses.asdict(model.cfg)})
+        return model, result
+
+    model, result = run(tmp_path / "a")
+    curve = result["curve"]
+    assert [c["step"] for c in curve] == [3, 6, 7] and all(set(c) == {"step", "train_seconds", "fixed_loss"}
+                                                           for c in curve)
+    assert 0 < curve[0]["train_seconds"] < curve[1]["train_seconds"] < curve[2]["train_seconds"]
+    assert curve[-1]["fixed_loss"] == pytest.approx(lm_loss(model.eval()(x[:, :-1]), x[:, 1:]).item(), abs=1e-6)
+    with pytest.raises(Crash):
+        run(tmp_path / "b", crash_at=4)
+    _, resumed = run(tmp_path / "b", resume=True)
+    assert [c["step"] for c in resumed["curve"]] == [3, 6, 7]
+    assert [c["fixed_loss"] for c in resumed["curve"]] == pytest.approx([c["fixed_loss"] for c in curve], abs=1e-6)
+
+
 def test_corrupt_and_mismatched_checkpoints_give_clear_errors(tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")

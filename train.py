@@ -354,7 +354,8 @@ def claim_checkpoint(path, cfg, meta=None):
 def provenance(ckpt):
     """What a checkpoint records of itself, for the checkpoints built from it: its identity (the stage, the
     model's config, the stage's settings), its training config and what it was built from."""
-    return {k: v for k, v in ckpt.items() if k not in ("model", "critic", "optimizer", "scaler", "rng", "state")}
+    return {k: v for k, v in ckpt.items() if k not in ("model", "critic", "optimizer", "scaler", "rng", "state",
+                                                         "curve")}
 
 
 def load_stage(path, stage, train_missing, build, device="cpu", requires=None):
@@ -515,6 +516,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(torch.device(self.device).type, enabled=self.dtype == torch.float16)
         self.ckpt_path, self.meta, self.saved = ckpt_path, meta or {}, saved or {"model": model}
         self.step, self.saved_step, self.train_seconds, self.state, self.metrics = 0, None, 0.0, {}, {}
+        self.curve = []  # every validation's figures with its step and training seconds, for the learning curves
         if ckpt_path:
             claim_checkpoint(ckpt_path, cfg, self.meta)
             if cfg.resume and os.path.exists(ckpt_path):
@@ -548,7 +550,7 @@ class Trainer:
         except (KeyError, ValueError, RuntimeError) as e:
             raise UserError(f"cannot resume from {self.ckpt_path}: it lacks or mismatches what resuming needs "
                             f"({str(e).splitlines()[0][:120]}); start again with --overwrite") from None
-        self.saved_step, self.metrics = self.step, ckpt.get("metrics", {})
+        self.saved_step, self.metrics, self.curve = self.step, ckpt.get("metrics", {}), ckpt.get("curve", [])
         if self.procs.master:
             print(f"resuming {self.ckpt_path} at step {self.step}")
 
@@ -625,6 +627,8 @@ class Trainer:
             check(not bad, f"validation {bad and bad[0]} became {bad and metrics[bad[0]]} at step {self.step}: "
                   f"lower --lr (now {self.cfg.lr}) or use --dtype float32; {self.checkpoint_note()}")
             self.metrics = metrics
+            self.curve.append({"step": self.step, "train_seconds": self.train_seconds,
+                               **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}})
             self.bar.write(f"step {self.step}: train loss {self.history[-1]:.4f} " + " ".join(
                 f"{k} {v:.4f}" for k, v in {**metrics, **self.last_stats}.items() if isinstance(v, (int, float))))
         self.checkpoint()
@@ -634,7 +638,8 @@ class Trainer:
             save_checkpoint(self.ckpt_path, **{k: m.state_dict() for k, m in self.saved.items()}, **self.meta,
                             optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(), step=self.step,
                             max_steps=self.cfg.max_steps, rng=torch.get_rng_state(), state=self.state,
-                            metrics=self.metrics, train_seconds=self.train_seconds, finished=self.done,
+                            metrics=self.metrics, curve=self.curve, train_seconds=self.train_seconds,
+                            finished=self.done,
                             train_config=dataclasses.asdict(self.cfg))
             self.saved_step = self.step
 
@@ -649,7 +654,7 @@ class Trainer:
 
     def finish(self):
         """The run's figures: mean train loss of the last tenth of the steps, the last validation metrics,
-        throughput and times."""
+        throughput and times, and `curve`: every validation's figures (the learning curve, resumes included)."""
         self.bar.close()
         recent = self.history[-max(1, len(self.history) // 10):]
         result = {"train_loss": sum(recent) / len(recent) if recent else float("nan"), **self.metrics,
@@ -657,6 +662,7 @@ class Trainer:
                   "wall_seconds": time.perf_counter() - self.t0, "steps": self.step}
         if self.peak:
             result.update(mfu=self.mfu(), device_name=self.peak[1])
+        result["curve"] = self.curve
         if self.procs.world > 1:
             dist.barrier()
         Trainer.active = None
