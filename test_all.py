@@ -45,6 +45,7 @@ if not torch.cuda.is_available():  # the Triton kernels run in the CPU interpret
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import diffusion_toy as dt_mod  # noqa: E402
+import compare  # noqa: E402
 import dpo  # noqa: E402
 import gpro  # noqa: E402
 import gpt  # noqa: E402
@@ -60,7 +61,7 @@ from gpt import (BOS, EOS, PAD, SEP, GPT, GPTConfig, decode, encode, generate, l
 from train import TrainConfig, UserError  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-PROJECT = ("train", "kernels", "gpt", "sft", "reward", "ppo", "dpo", "gpro", "diffusion_toy")
+PROJECT = ("train", "kernels", "gpt", "sft", "reward", "ppo", "dpo", "gpro", "compare", "diffusion_toy")
 
 
 def tiny(**kw):
@@ -120,7 +121,7 @@ def test_imports_point_down_the_layers_with_no_cycle():
     (diffusion_toy on train only). Every import goes to a lower layer, so there is no cycle; train.py imports
     no project file, and kernels.py holds kernels only: no output helper of its own."""
     layer = {"train": 0, "kernels": 1, "diffusion_toy": 1, "gpt": 2, "sft": 3, "reward": 4, "ppo": 5, "dpo": 5,
-             "gpro": 5}
+             "gpro": 5, "compare": 6}
     imports = {name: project_imports(name) for name in PROJECT}
     assert imports["train"] == set() and imports["kernels"] == {"train"} and imports["diffusion_toy"] == {"train"}
     defined = {n.name for n in ast.parse(open(os.path.join(HERE, "kernels.py")).read()).body
@@ -2811,7 +2812,63 @@ def test_grpo_main_with_several_updates_per_rollout(tmp_path, fine_tuned, flags)
 
 
 # =============================================================================================
-# 9. diffusion_toy.py (homework problem 1 and problem 4). Every closed form is checked against an
+# 9. compare.py: every method once from one chain, the tables from the runs' own metrics, then only a redraw
+
+TINY_COMPARE = (f"gpt.py: {' '.join(TINY_FLAGS)}; sft.py: --max_steps 4 --eval_interval 2 --batch_size 4 --heldout 8; "
+                "reward.py: --max_steps 3 --batch_size 4 --n_pairs 12 --n_eval 8 --heldout 8; dpo.py: --max_steps 3 "
+                "--batch_size 2 --n_pairs 8 --n_eval 4 --heldout 8; gpro.py: --max_steps 3 --batch_size 2 --k 3 "
+                "--heldout 8; ppo.py: --max_steps 3 --batch_size 4 --minibatches 2 --heldout 8")
+
+
+def test_compare_runs_every_method_once_then_only_redraws(tmp_path, corpus, capsys, monkeypatch):
+    out = tmp_path / "cmp"
+    args = ["compare.py", "--quick", "--out_dir", str(out), "--device", "cpu", "--jobs", "2",
+            "--extra", f"gpt.py: --data {corpus}; " + TINY_COMPARE]
+    r = run_script(args, cwd=tmp_path, timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    chain = out / "chain_1337"
+    runs = {key: chain / f"{key}_20s" for key, *_ in compare.METHODS}
+    stage_of = {key: stage for key, _, _, stage, *_ in compare.METHODS}
+    for key, d in runs.items():
+        m = json.loads((d / f"{stage_of[key]}_metrics.json").read_text())
+        assert m["steps"] == 3 + (key == "control") and m["curve"] and m["curve"][-1]["step"] == m["steps"]
+    # the table: each method's figure is its run's own held-out figure after training (the control's its own)
+    table = json.loads((out / "compare_metrics.json").read_text())["methods"]
+    for key, title, _, stage, *_ in compare.METHODS:
+        m = json.loads((runs[key] / f"{stage}_metrics.json").read_text())
+        after = m["after"] if key != "control" else m
+        assert table[title]["sample_accuracy"] == [after["sample_accuracy"]] and title in (out / "compare.md").read_text()
+    sft_m = json.loads((chain / "sft_metrics.json").read_text())
+    assert table["SFT (start)"]["accuracy"] == [sft_m["accuracy"]]
+    pictures = ["accuracy_vs_seconds.png", "reward_vs_kl.png", "pretraining_and_sft.png"]
+    assert all((out / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pictures)
+    # run again: nothing trains, the tables and pictures are drawn anew from the same metrics
+    stamps = {p: p.stat().st_mtime_ns for p in chain.rglob("*.pt")}
+    r = run_script(args, cwd=tmp_path, timeout=300)
+    assert r.returncode == 0 and "11 of 11 runs already finished" in r.stdout and "started" not in r.stdout, r.stdout
+    assert {p: p.stat().st_mtime_ns for p in chain.rglob("*.pt")} == stamps
+    # without matplotlib: the tables and one line saying how to get the pictures
+    for p in pictures:
+        (out / p).unlink()
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    compare.main(args[1:])
+    said = capsys.readouterr().out
+    assert "pip install matplotlib" in said and "| PPO, r* |" in said
+    assert not any((out / p).exists() for p in pictures) and (out / "compare.md").exists()
+
+
+@pytest.mark.parametrize("flags, words", [(["--seeds", "1,1"], ["--seeds", "distinct"]),
+                                          (["--methods", "dpo,sft2"], ["no method sft2"]),
+                                          (["--extra", "train.py: --lr 1"], ["--extra", "SCRIPT"]),
+                                          (["--seconds", "0"], ["--seconds"]), (["--jobs", "0"], ["--jobs"])])
+def test_compare_bad_flags_are_one_line(tmp_path, capsys, flags, words):
+    code, err = main_in_process(compare, ["--out_dir", str(tmp_path / "out"), *flags], capsys)
+    assert_one_error_line(code, err, 2, words)
+    assert not (tmp_path / "out").exists()
+
+
+# =============================================================================================
+# 10. diffusion_toy.py (homework problem 1 and problem 4). Every closed form is checked against an
 # independent computation: the homework's own finite-T formula (eq. 1), a product derived by hand,
 # Euler-Maclaurin for the dt -> 0 gap, direct Gaussian conditioning from a joint covariance matrix,
 # or a Monte-Carlo simulation written out here.
@@ -3110,7 +3167,7 @@ def test_diffusion_main_end_to_end(tmp_path, capsys):
 
 
 # =============================================================================================
-# 10. Off the happy path: every bad value and failure ends in one line that says what to do, exit status 2
+# 11. Off the happy path: every bad value and failure ends in one line that says what to do, exit status 2
 # (130 for Ctrl-C, 0 for --resume of a finished run), no traceback, and nothing trained is lost
 
 def assert_one_error_line(code, err, status, words):
@@ -3341,7 +3398,7 @@ def test_an_error_under_torchrun_is_one_line_from_rank_0(tmp_path, corpus):
 
 
 # =============================================================================================
-# 11. The whole chain from an empty out_dir
+# 12. The whole chain from an empty out_dir
 
 def test_whole_chain_from_an_empty_out_dir(tmp_path, monkeypatch, corpus):
     """`python ppo.py` on a fresh clone trains every earlier stage it needs (pretraining, SFT, the reward model),
