@@ -35,7 +35,9 @@ import train
 from train import arg
 
 # (directory, name in the tables, script, the stage name of its metrics file, flags, validate every N steps).
-# The flags are the README's commands; the validation intervals give each curve about eight points in 60 s.
+# The flags are the README's commands (RLOO at TRL's KL coefficient, GSPO at its paper's clip range and two updates
+# per rollout: with one the ratio is 1 and GSPO is GRPO); the validation intervals give each curve about eight points
+# in 60 s.
 METHODS = [
     ("control", "SFT continued (control)", "sft.py", "sft", [], 250),
     ("dpo", "DPO, beta 0.5 + RPO", "dpo.py", "dpo", [], 200),
@@ -43,6 +45,9 @@ METHODS = [
     ("ipo", "IPO, beta 0.1", "dpo.py", "dpo", ["--loss", "ipo", "--beta", "0.1", "--rpo_alpha", "0"], 200),
     ("gpro", "GPRO", "gpro.py", "gpro", [], 75),
     ("grpo", "GRPO", "gpro.py", "gpro", ["--algo", "grpo"], 50),
+    ("rloo", "RLOO", "gpro.py", "gpro", ["--algo", "rloo", "--kl_coef", "0.05"], 50),
+    ("gspo", "GSPO", "gpro.py", "gpro", ["--algo", "grpo", "--importance_sampling_level", "sequence", "--mu", "2",
+                                         "--clip_eps", "3e-4", "--clip_eps_high", "4e-4"], 50),
     ("ppo_rm", "PPO, reward model", "ppo.py", "ppo", [], 100),
     ("ppo_true", "PPO, r*", "ppo.py", "ppo", ["--reward", "true"], 100),
 ]

@@ -39,6 +39,13 @@ clip-higher all land within a point of each other (the responses are 3-5 tokens 
 barely differ, and kl_coef sets how far the policy goes), while mu > 1 costs time. Dropping the std
 (--scale_rewards none) loses 15 points at the default kl_coef: a group's r* has a std of about 0.14, so the
 advantages are then about seven times smaller and the same kl_coef holds the policy that much harder.
+
+Two members of the family from the same loop. RLOO (`--algo rloo`; Ahmadian et al. 2024, TRL's RLOOTrainer):
+the advantage of a response is its reward minus the mean reward of the K - 1 other responses to its prompt,
+and the KL to the reference enters the reward, r - kl_coef log(pi_old(y) / pi_ref(y)), instead of the loss.
+GSPO (`--importance_sampling_level sequence`; Zheng et al. 2025): one importance ratio per response, the
+geometric mean of its tokens' ratios, clipped as a whole; with mu = 1 the ratio is 1, so GSPO differs from
+GRPO only with mu > 1, and its clip range is far narrower (the paper: 3e-4 below, 4e-4 above).
 """
 import copy
 import dataclasses
@@ -65,6 +72,14 @@ def gpro_loss(logps, rewards, beta):
     return -(gpro_weights(rewards, beta).detach() * logps).sum(-1).mean()
 
 
+def rloo_advantages(rewards):
+    """RLOO's advantages (B, K) (Ahmadian et al. 2024, "Back to Basics"; Kool et al. 2019): each reward minus the
+    mean of the K - 1 others of its group, a baseline that does not depend on the response it is subtracted
+    from, so the policy gradient stays unbiased. Equal to K / (K - 1) (r - mean(r))."""
+    K = rewards.shape[-1]
+    return rewards - (rewards.sum(-1, keepdim=True) - rewards) / (K - 1)
+
+
 def grpo_advantages(rewards, scale="group", eps=1e-4):
     """Advantages (B, K) from rewards (B, K), one group of K per prompt: r - mean(r) over the group, divided
     by std + eps of the group (scale="group", the GRPO paper), of the whole batch ("batch"), or not ("none")."""
@@ -89,25 +104,38 @@ def aggregate(per_token, mask, how, max_len=None):
     raise ValueError(f"unknown aggregation {how!r}")
 
 
+def importance_ratio(logp, old_logp, mask, level="token"):
+    """pi_theta / pi_old per response token (N, T): each token's own (level="token", GRPO), or the response's,
+    exp of the mean of its tokens' log-ratios, the same for all its tokens (level="sequence": GSPO, Zheng et al.
+    2025, the geometric mean, so that the ratio of a long response is on the scale of a short one's)."""
+    log_ratio = logp - old_logp
+    if level == "sequence":
+        log_ratio = ((log_ratio * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp_min(1)).expand_as(
+            log_ratio)
+    return torch.exp(log_ratio)
+
+
 def grpo_loss(logp, old_logp, ref_logp, adv, mask, clip_eps=0.2, beta=0.04, loss_agg="token", max_len=None,
-              clip_eps_high=None):
+              clip_eps_high=None, level="token"):
     """The GRPO objective as a loss. logp, old_logp, ref_logp, mask: (N, T) per response token (mask 1 on the
     sampled response tokens and their <eos>); adv: (N,) one advantage per response, shared by its tokens.
     Per token: -min(rho A, clip(rho, 1 - clip_eps, 1 + clip_eps_high) A) + beta (exp(q) - q - 1),
-    rho = exp(logp - old_logp), q = ref_logp - logp; clip_eps_high None = clip_eps. Aggregated by aggregate()."""
+    rho = importance_ratio(..., level), q = ref_logp - logp; clip_eps_high None = clip_eps. Aggregated by
+    aggregate()."""
     high = clip_eps if clip_eps_high is None else clip_eps_high
-    rho, a = torch.exp(logp - old_logp), adv[:, None]                           # importance ratio pi / pi_old
+    rho, a = importance_ratio(logp, old_logp, mask, level), adv[:, None]        # importance ratio pi / pi_old
     pg = -torch.min(rho * a, rho.clamp(1 - clip_eps, 1 + high) * a)
     q = ref_logp - logp
     kl = torch.exp(q) - q - 1                                                   # k3: unbiased, >= 0
     return aggregate(pg + beta * kl, mask, loss_agg, max_len)
 
 
-def clip_fractions(logp, old_logp, adv, mask, clip_eps=0.2, clip_eps_high=None):
-    """The share of response tokens where the clip is active, so that their gradient is zero (TRL's names): low
-    (rho < 1 - eps_low with A < 0), high (rho > 1 + eps_high with A > 0), region (either)."""
+def clip_fractions(logp, old_logp, adv, mask, clip_eps=0.2, clip_eps_high=None, level="token"):
+    """The share of response tokens where the clip is active, so that their gradient is zero (TRL's names and
+    definition; ppo.py's clip_ratio/region_mean is the same): low (rho < 1 - eps_low with A < 0), high
+    (rho > 1 + eps_high with A > 0), region (either)."""
     high = clip_eps if clip_eps_high is None else clip_eps_high
-    rho, a = torch.exp(logp - old_logp), adv[:, None]
+    rho, a = importance_ratio(logp, old_logp, mask, level), adv[:, None]
     low_clipped, high_clipped = (rho < 1 - clip_eps) & (a < 0), (rho > 1 + high) & (a > 0)
     frac = lambda x: ((x.float() * mask).sum() / mask.sum().clamp_min(1)).item()  # noqa: E731
     return {"clip_ratio/low_mean": frac(low_clipped), "clip_ratio/high_mean": frac(high_clipped),
@@ -119,10 +147,12 @@ def clip_fractions(logp, old_logp, adv, mask, clip_eps=0.2, clip_eps_high=None):
 
 @dataclass(frozen=True)
 class GPROConfig:
-    algo: str = arg("gpro", "gpro (weighted likelihood, notes 10.9) | grpo (group advantages, clipped ratio, k3 KL)")
+    algo: str = arg("gpro", "gpro (weighted likelihood, notes 10.9) | grpo (group advantages, clipped ratio, k3 KL) "
+                            "| rloo (GRPO's loop with leave-one-out advantages and the KL in the reward)")
     k: int = arg(8, "responses sampled per prompt")
     beta: float = arg(0.1, "gpro: the tilt's temperature, w = softmax(r / beta), target pi_ref exp(r / beta) / Z")
-    kl_coef: float = arg(1.0, "grpo: weight of the k3 KL to the reference (smaller lets GRPO exploit the reward model)")
+    kl_coef: float = arg(1.0, "grpo: weight of the k3 KL to the reference (smaller lets GRPO exploit the reward model);"
+                              " rloo: of the response's KL log(pi_old / pi_ref) subtracted from its reward (TRL: 0.05)")
     reward: str = arg("true", "true (the task's r*, partial credit) | exact (1 if correct else 0) | "
                               "rm (out_dir/reward.pt, trained by reward.py if missing)")
     online: bool = arg(False, "gpro: sample from the current policy instead of the reference (repeated tilting)")
@@ -134,12 +164,15 @@ class GPROConfig:
     scale_rewards: str = arg("group", "grpo: divide the centred rewards by the std of the group | batch | none")
     loss_agg: str = arg("token", "grpo: sequence (mean per response, then over responses: GRPO) | token (over all "
                                  "tokens: DAPO) | constant (sum / (responses x max response length): Dr. GRPO)")
+    importance_sampling_level: str = arg("token", "grpo, rloo: the ratio pi / pi_old of each token | sequence: of the "
+                                                  "whole response (GSPO, Zheng et al. 2025; TRL's name)")
 
     def __post_init__(self):
-        train.check_choice(self, "algo", ("gpro", "grpo"))
+        train.check_choice(self, "algo", ("gpro", "grpo", "rloo"))
         train.check_choice(self, "reward", ("true", "exact", "rm"))
         train.check_choice(self, "scale_rewards", ("group", "batch", "none"))
         train.check_choice(self, "loss_agg", ("sequence", "token", "constant"))
+        train.check_choice(self, "importance_sampling_level", ("token", "sequence"))
         train.check(self.k >= 2 and self.beta > 0 and self.kl_coef >= 0, f"need k >= 2, beta > 0 and kl_coef >= 0, "
                   f"got k={self.k}, beta={self.beta}, kl_coef={self.kl_coef}")
         train.check(self.mu >= 1, f"mu must be >= 1, got {self.mu}")
@@ -173,6 +206,11 @@ def grpo_rollout(policy, ref, task, prompts, score, cfg, generator, dtype="auto"
         ref_logp, _ = gpt.sequence_logprobs(ref, ids, mask)
     responses = [sft.strip_eos(o) for o in outs]
     r = score(prompts, [responses[i * cfg.k:(i + 1) * cfg.k] for i in range(len(prompts))])     # (B, K)
+    if cfg.algo == "rloo":  # RLOO's reward: r - kl_coef log(pi_old(y) / pi_ref(y)), then the leave-one-out baseline
+        kl = ((old_logp - ref_logp).float() * mask).sum(1).view(-1, cfg.k)                  # (B, K)
+        adv = rloo_advantages(r - cfg.kl_coef * kl)
+    else:
+        adv = grpo_advantages(r, cfg.scale_rewards)
     std = r.std(-1)
     stats = {"reward": r.mean().item(), "reward_std": std.mean().item(),
              # groups whose K rewards are all equal: their advantages are 0, they teach nothing
@@ -180,7 +218,7 @@ def grpo_rollout(policy, ref, task, prompts, score, cfg, generator, dtype="auto"
              "completions/mean_length": mask.sum(1).float().mean().item(),  # tokens, <eos> included
              "completions/clipped_ratio": sum(gpt.EOS not in o for o in outs) / len(outs)}  # hit the length limit
     batch = {"ids": ids, "mask": mask.float(), "old_logp": old_logp.float(), "ref_logp": ref_logp.float(),
-             "adv": grpo_advantages(r, cfg.scale_rewards).flatten()}
+             "adv": adv.flatten()}
     return batch, stats
 
 
@@ -189,13 +227,15 @@ def grpo_update(net, batch, cfg, max_len):
     fractions; kl_k3, the k3 KL to the reference per token)."""
     logp, _ = gpt.sequence_logprobs(net, batch["ids"], batch["mask"])
     mask, adv = batch["mask"], batch["adv"]
-    loss = grpo_loss(logp, batch["old_logp"], batch["ref_logp"], adv, mask, cfg.clip_eps, cfg.kl_coef, cfg.loss_agg,
-                     max_len, cfg.eps_high) + gpt.aux_loss(net)
+    kl_coef = cfg.kl_coef if cfg.algo == "grpo" else 0.0  # RLOO's KL is in its reward
+    loss = grpo_loss(logp, batch["old_logp"], batch["ref_logp"], adv, mask, cfg.clip_eps, kl_coef, cfg.loss_agg,
+                     max_len, cfg.eps_high, cfg.importance_sampling_level) + gpt.aux_loss(net)
     with torch.no_grad():
         q = batch["ref_logp"] - logp
         kl = ((torch.exp(q) - q - 1) * mask).sum() / mask.sum()
     return loss, {"tokens": batch["ids"].numel(), "kl_k3": kl.item(),
-                  **clip_fractions(logp.detach(), batch["old_logp"], adv, mask, cfg.clip_eps, cfg.eps_high)}
+                  **clip_fractions(logp.detach(), batch["old_logp"], adv, mask, cfg.clip_eps, cfg.eps_high,
+                                   cfg.importance_sampling_level)}
 
 
 CLIP_KEYS = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean")
@@ -234,7 +274,7 @@ def train_gpro(task, cfg, train_cfg):
     if train.rank() == 0:
         strength = f"beta={cfg.beta}" if cfg.algo == "gpro" else f"kl_coef={cfg.kl_coef}, mu={cfg.mu}"
         rows = [("train seconds", m["train_seconds"])]
-        if cfg.algo == "grpo":
+        if cfg.algo != "gpro":
             rows.insert(0, ("clipped tokens, mean over steps: low / high", f"{m['clip_ratio/low_mean']:.2%} / "
                                                                           f"{m['clip_ratio/high_mean']:.2%}"))
         train.print_table(f"{cfg.algo.upper()} (K={cfg.k}, {strength}, reward={cfg.reward}) on held-out prompts",
@@ -273,7 +313,7 @@ def train_grpo(policy, ref, task, cfg, train_cfg, score, evaluate, path, meta):
     plus the clip fractions averaged over all optimizer steps."""
     train.check(train_cfg.grad_accum == 1, "GRPO's batch is one rollout: use --batch_size (prompts per rollout), "
               "not --grad_accum")
-    run = train.Trainer(policy, train_cfg, path, meta, desc="grpo", train_mode=False)  # trains as it samples
+    run = train.Trainer(policy, train_cfg, path, meta, desc=cfg.algo, train_mode=False)  # trains as it samples
     sums = run.state.setdefault("clip_sums", dict.fromkeys(CLIP_KEYS, 0.0))
     while not run.done:
         # 1. Rollout number step // mu with theta_old = the current policy

@@ -94,10 +94,11 @@ def whiten(x, mask, eps=1e-8):
 def clipped_surrogate(logp, old_logp, adv, mask, eps):
     """The actor term as a loss: -(1/|M|) sum min(o_t A_t, clip(o_t, 1-eps, 1+eps) A_t), o_t = pi/pi_old
     (notes 10.6 (III)). Its gradient is zero where the clip is active on the side the advantage
-    favours: o > 1+eps with A > 0, o < 1-eps with A < 0. Returns (loss, clip fraction)."""
+    favours: o > 1+eps with A > 0, o < 1-eps with A < 0. Returns (loss, the share of tokens where it is: TRL's
+    clip_ratio/region_mean, the definition gpro.py's GRPO logs too)."""
     o = torch.exp(logp - old_logp)
     surrogate = torch.min(o * adv, o.clamp(1 - eps, 1 + eps) * adv)
-    clipped = ((o - 1).abs() > eps).float()
+    clipped = (((o > 1 + eps) & (adv > 0)) | ((o < 1 - eps) & (adv < 0))).float()
     return -masked_mean(surrogate, mask), masked_mean(clipped, mask)
 
 
@@ -332,7 +333,7 @@ def ppo_loss(net, batch, mask, cfg, beta):
     ent = masked_mean(entropy(dist), mask)
     loss = actor + cfg.c_v * critic - cfg.c_e * ent                  # minus the notes' L^PPO
     log_ratio = (logp - b["old_logp"]).detach()
-    stats = {"tokens": int(mask.sum()), "clip_frac": clip_frac.item(), "value_loss": critic.item(),
+    stats = {"tokens": int(mask.sum()), "clip_ratio/region_mean": clip_frac.item(), "value_loss": critic.item(),
              "entropy": ent.item(),
              "approx_kl": masked_mean(log_ratio.exp() - 1 - log_ratio, mask).item()}  # k3 KL(old || new)
     if cfg.kl_mode == "loss" or cfg.kl_estimator == "exact":         # PPO-KL: + beta E_t[KL(pi || pi_ref)]

@@ -2094,7 +2094,7 @@ def test_clipped_surrogate_gradient_is_zero_exactly_where_the_clip_binds():
     frozen = torch.tensor([False, True, False, False, True, False, False, False])
     assert (logp.grad[frozen] == 0).all()
     assert torch.allclose(logp.grad[~frozen], (-adv * ratio / 8)[~frozen])
-    assert clip_frac.item() == 4 / 8
+    assert clip_frac.item() == frozen.float().mean().item()  # the share whose gradient the clip zeroes: 2 / 8
 
 
 def test_reinforce_baseline_keeps_the_expected_gradient_and_lowers_its_variance():
@@ -2137,7 +2137,7 @@ def test_first_inner_step_has_ratio_one_no_clipping_and_zero_kl():
     logp, _ = gpt.shifted_logprobs(logits, batch["ids"], batch["resp"])
     assert torch.equal(logp, batch["old_logp"])                      # ratio exactly 1
     _, stats = ppo.ppo_loss(model, batch, resp, cfg, 0.1)
-    assert stats["clip_frac"] == 0 and stats["approx_kl"] == 0
+    assert stats["clip_ratio/region_mean"] == 0 and stats["approx_kl"] == 0
     assert stats["tokens"] == int(resp.sum())
 
 
@@ -2449,7 +2449,7 @@ def test_ppo_with_dropout_starts_on_policy(tmp_path, fine_tuned, reward_trained,
                                       "--batch_size", "4", "--epochs", "1", "--minibatches", "1", "--heldout", "8",
                                       *CPU], capsys)
     assert code == 0, err
-    assert first[0]["clip_frac"] == 0 and first[0]["approx_kl"] == 0, first[0]
+    assert first[0]["clip_ratio/region_mean"] == 0 and first[0]["approx_kl"] == 0, first[0]
 
 
 @pytest.mark.parametrize("flags", [[], ["--reward", "true", "--kl_mode", "loss", "--kl_estimator", "k3", "--kl_target",
@@ -2796,6 +2796,51 @@ def test_grpo_rollout_then_mu_updates():
     assert second["clip_ratio/region_mean"] > 0, second
 
 
+def test_rloo_advantages_are_each_reward_minus_the_mean_of_the_others_and_carry_the_kl():
+    """RLOO (Ahmadian et al. 2024): A_i = R_i - mean_{j != i} R_j, written here as an explicit loop, with
+    R = r - kl_coef log(pi_old(y) / pi_ref(y)) summed over the response; the update has no k3 term."""
+    r = torch.tensor([[1.0, 0.0, 0.5, 0.25], [0.3, 0.9, 0.3, 0.1]])
+    want = torch.tensor([[r[b, i] - sum(r[b, j] for j in range(4) if j != i) / 3 for i in range(4)] for b in range(2)])
+    assert torch.allclose(gpro.rloo_advantages(r), want)
+    policy, task = seeded_model(1), sft.TaskConfig()
+    ref = seeded_model(2).requires_grad_(False)  # another model: the KL is not zero
+    cfg = gpro.GPROConfig(algo="rloo", k=4, kl_coef=0.3)
+    prompts = sft.sample_prompts(task, 2, random.Random(0))
+    batch, _ = gpro.grpo_rollout(policy, ref, task, prompts, lambda p, ys: r, cfg, torch.Generator().manual_seed(0))
+    ids, mask = batch["ids"], batch["mask"]
+    with torch.no_grad():
+        seq_kl = (gpt.sequence_logprobs(policy, ids, mask)[1] - gpt.sequence_logprobs(ref, ids, mask)[1]).view(2, 4)
+    R = r - 0.3 * seq_kl
+    want = torch.tensor([[R[b, i] - sum(R[b, j] for j in range(4) if j != i) / 3 for i in range(4)] for b in range(2)])
+    assert torch.allclose(batch["adv"], want.flatten(), atol=1e-5)
+    loss, _ = gpro.grpo_update(policy, batch, cfg, task.max_response_tokens)  # ratio 1: -mean A, no k3 KL term
+    assert loss.item() == pytest.approx((-(batch["adv"][:, None] * mask).sum() / mask.sum()).item(), abs=1e-6)
+
+
+def test_gspo_clips_whole_responses_by_the_geometric_mean_ratio():
+    """GSPO (Zheng et al. 2025): s_i = exp(mean_t log(pi / pi_old)) over response i's tokens, one ratio for all of
+    them. With loss_agg sequence the loss is mean_i -min(s_i A_i, clip(s_i) A_i), so the gradient of token t of
+    response i is -A_i s_i / (|y_i| N) where the clip does not bind, and zero for the whole response where it does."""
+    old = torch.full((3, 4), -1.0)
+    mask = torch.tensor([[1.0, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]])
+    shift = torch.tensor([[0.3, -0.1, 0.1, 9.0], [0.05, 0.05, 9.0, 9.0], [-0.4, -0.4, -0.4, -0.4]])
+    logp = (old + shift).requires_grad_()
+    adv = torch.tensor([1.0, -2.0, -1.0])
+    eps = 0.2
+    loss = gpro.grpo_loss(logp, old, old, adv, mask, eps, 0.0, "sequence", level="sequence")
+    grad, = torch.autograd.grad(loss, logp)
+    for i in range(3):
+        n = int(mask[i].sum())
+        s = math.exp(sum(shift[i, :n].tolist()) / n)                        # 1.1, 1.05, 0.67 (padding ignored)
+        clipped = (adv[i] > 0 and s > 1 + eps) or (adv[i] < 0 and s < 1 - eps)
+        want = 0.0 if clipped else -adv[i].item() * s / (n * 3)
+        assert grad[i, :n].tolist() == pytest.approx([want] * n, abs=1e-6) and (grad[i, n:] == 0).all()
+    fr = gpro.clip_fractions(logp.detach(), old, adv, mask, eps, level="sequence")
+    assert fr["clip_ratio/low_mean"] == pytest.approx(4 / 9)  # response 2's four tokens of the nine
+    tok = gpro.clip_fractions(logp.detach(), old, adv, mask, eps, level="token")
+    assert tok["clip_ratio/low_mean"] == pytest.approx(4 / 9) and tok["clip_ratio/high_mean"] == pytest.approx(1 / 9)
+
+
 @pytest.mark.parametrize("flags", [["--mu", "2", "--loss_agg", "constant", "--scale_rewards", "batch",
                                     "--clip_eps_high", "0.28"]])
 def test_grpo_main_with_several_updates_per_rollout(tmp_path, fine_tuned, flags):
@@ -2845,7 +2890,8 @@ def test_compare_runs_every_method_once_then_only_redraws(tmp_path, corpus, caps
     # run again: nothing trains, the tables and pictures are drawn anew from the same metrics
     stamps = {p: p.stat().st_mtime_ns for p in chain.rglob("*.pt")}
     r = run_script(args, cwd=tmp_path, timeout=300)
-    assert r.returncode == 0 and "11 of 11 runs already finished" in r.stdout and "started" not in r.stdout, r.stdout
+    n = len(compare.METHODS) + 3  # the chain's three stages, then every method
+    assert r.returncode == 0 and f"{n} of {n} runs already finished" in r.stdout and "started" not in r.stdout, r.stdout
     assert {p: p.stat().st_mtime_ns for p in chain.rglob("*.pt")} == stamps
     # without matplotlib: the tables and one line saying how to get the pictures
     for p in pictures:
