@@ -352,13 +352,14 @@ def draw(cfg, metrics, runs):
 
     # (3) pretraining and SFT, where the SFT learning transition shows
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
-    for s in seeds:
+    for i, s in enumerate(seeds):
+        colour = plt.cm.tab10(i % 10)
         pre = metrics.get(f"{s}/gpt", {}).get("curve", [])
-        left.plot([p["step"] for p in pre], [p["val_bpb"] for p in pre], "-o", ms=3, label=f"chain {s}")
+        left.plot([p["step"] for p in pre], [p["val_bpb"] for p in pre], "-o", ms=3, color=colour, label=f"chain {s}")
         sft = metrics.get(f"{s}/sft", {}).get("curve", [])
         for figure, style in (("accuracy", "-o"), ("sample_accuracy", "--o")):
-            right.plot([p["step"] for p in sft], [100 * p[figure] for p in sft], style, ms=3,
-                       label=f"chain {s}, {'greedy' if figure == 'accuracy' else 'sampled'}")
+            right.plot([p["step"] for p in sft], [100 * p[figure] for p in sft], style, ms=3, color=colour,
+                       label=f"chain {s}, {'greedy' if figure == 'accuracy' else 'sampled (T = 1)'}")
     left.set(xlabel="step", ylabel="validation bits per byte", title="Pretraining (gpt.py)")
     right.set(xlabel="step", ylabel="held-out accuracy (%)", title="SFT (sft.py)")
     for ax in (left, right):
