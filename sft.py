@@ -485,6 +485,11 @@ class SFTConfig:
         train.check(not self.init or os.path.isfile(self.init), f"--init {self.init}: no such file")
         train.check(all(x.strip().lstrip("-").isdigit() for x in self.seeds.split(",")) if self.seeds else True,
                   f"--seeds {self.seeds!r}: give comma-separated integers, e.g. 0,1,2,3,4")
+        seeds = self.seed_list()
+        train.check(len(set(seeds)) == len(seeds), f"--seeds {self.seeds!r} names a seed twice (each run goes to "
+                    "out_dir/seed_<N>)")
+        for seed in seeds:
+            train.check_seed(seed, "each of --seeds")
 
     def seed_list(self):
         return [int(x) for x in self.seeds.split(",")] if self.seeds else []
