@@ -64,6 +64,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 PROJECT = ("train", "kernels", "gpt", "sft", "reward", "ppo", "dpo", "gpro", "diffusion_toy")
 
 
+def sampled_ids(logits):
+    """The logits of the ids a response may hold, the ones sampling draws from: the real token ids (no padding of the
+    vocabulary) but PAD, which fills finished rows."""
+    z = logits[..., :gpt.N_TOKENS].clone()
+    z[..., PAD] = -math.inf
+    return z
+
+
 def tiny(**kw):
     base = dict(block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=32)
     return GPTConfig(**{**base, **kw})
@@ -1259,12 +1267,57 @@ def test_generate_and_the_context_reject_bad_arguments():
     for kwargs, words in ((dict(max_new_tokens=-1), "max_new_tokens"), (dict(top_p=0.0), "top_p"),
                           (dict(top_k=-2), "top_k"), (dict(temperature=-1.0), "temperature"),
                           (dict(prompts=[[BOS, 400]]), "token ids"), (dict(prompts=[[]]), "at least one token"),
-                          (dict(prompts=[[BOS] * 60]), "block_size")):
+                          (dict(prompts=[[BOS] * 60]), "block_size"), (dict(top_k=2.5), "top_k must be an integer"),
+                          (dict(temperature=float("nan")), "temperature"), (dict(top_p="0.9"), "top_p")):
         args = {"prompts": [[BOS, 5]], "max_new_tokens": 10, **kwargs}
         with pytest.raises(UserError, match=words):
             generate(model, args.pop("prompts"), **args)
     with pytest.raises(UserError, match="block_size"):
         model(torch.zeros(1, 65, dtype=torch.long))
+    ids = torch.tensor([[BOS, 5, 6]])
+    with pytest.raises(UserError, match="temperature must be > 0"):  # was NaN, silently
+        sequence_logprobs(model, ids, torch.ones_like(ids), temperature=0)
+
+
+def test_a_tiny_temperature_is_greedy_without_overflow():
+    """z / T overflows float32 for T = 1e-45 (multinomial saw inf and nan): the limit T -> 0 is greedy."""
+    model = seeded_model()
+    logits = 10 * torch.randn(6, 320, generator=torch.Generator().manual_seed(0))
+    logits[:, gpt.N_TOKENS:] = 100.0  # the vocabulary's padding ids are never candidates
+    logp = gpt.logprobs_from_logits(logits, 1e-45)
+    greedy = sampled_ids(logits).argmax(-1)
+    assert torch.isfinite(logp).all() and torch.equal(logp.argmax(-1), greedy) and (logp.max(-1).values == 0).all()
+    assert torch.equal(gpt.sample_next(logits, temperature=1e-45, generator=torch.Generator()), greedy)
+    prompts = [[BOS, 5, 6], [BOS, 7]]
+    assert generate(model, prompts, 12, temperature=1e-45) == generate(model, prompts, 12, temperature=0)
+
+
+def test_pad_is_never_sampled_and_a_response_scores_as_it_was_sampled(monkeypatch):
+    """generate() fills finished rows with PAD and drops it, so a sampled PAD was fed back into the cache yet
+    missing from the response. With a model biased towards PAD: no PAD is drawn, every sampled token is in the
+    response, and sequence_logprobs gives each response the log-prob accumulated while it was sampled, computed
+    here in float64 from the logits seen then, softmax over the ids but PAD (and the vocabulary's padding)."""
+    model = seeded_model()
+    bias = torch.zeros(model.cfg.vocab_size)
+    bias[PAD] = 8.0  # PAD would take most of the mass
+    model.lm_head.register_forward_hook(lambda module, inputs, output: output + bias)
+    drawn, real = [], gpt.sample_next
+
+    def recording(logits, *args, **kwargs):
+        nxt = real(logits, *args, **kwargs)
+        z = sampled_ids(logits.double())
+        drawn.append((nxt, torch.log_softmax(z, -1).gather(1, nxt[:, None])[:, 0]))
+        return nxt
+
+    monkeypatch.setattr(gpt, "sample_next", recording)
+    prompts = [[BOS, 5, 6], [BOS, 7], [BOS, 9, 9, 9]]
+    responses = generate(model, prompts, 10, generator=torch.Generator().manual_seed(0))
+    for b, (prompt, response) in enumerate(zip(prompts, responses)):
+        assert response == [int(nxt[b]) for nxt, _ in drawn[:len(response)]] and PAD not in response
+        assert len(response) == 10 or response[-1] == EOS
+        ids = torch.tensor([prompt + response])
+        _, total = sequence_logprobs(model, ids, (torch.arange(ids.shape[1]) >= len(prompt)).long()[None])
+        assert total.item() == pytest.approx(sum(lp[b].item() for _, lp in drawn[:len(response)]), abs=1e-4)
 
 
 def test_sampling_top_k_top_p_and_temperature():
@@ -1304,7 +1357,7 @@ def test_sequence_logprobs_equal_token_by_token_loop():
             for t in range(1, len(s)):
                 if target[b, off + t]:
                     logits = model(torch.tensor([s[:t]]))[0, -1] / temperature
-                    lp = torch.log_softmax(logits[:gpt.N_TOKENS], -1)[s[t]]
+                    lp = torch.log_softmax(sampled_ids(logits), -1)[s[t]]
                     assert abs(per_tok[b, off + t].item() - lp.item()) < 1e-5
                     want += lp.item()
             assert abs(total[b].item() - want) < 1e-4
@@ -1323,7 +1376,7 @@ def test_prefix_lm_sequence_logprobs_equal_token_by_token_loop():
     for b, s in enumerate(seqs):
         off, want = ids.shape[1] - len(s), 0.0
         for t in range(s.index(SEP) + 1, len(s)):  # the prompt is complete in s[:t]: same mask
-            lp = torch.log_softmax(model(torch.tensor([s[:t]]))[0, -1, :gpt.N_TOKENS], -1)[s[t]].item()
+            lp = torch.log_softmax(sampled_ids(model(torch.tensor([s[:t]]))[0, -1]), -1)[s[t]].item()
             assert per_tok[b, off + t].item() == pytest.approx(lp, abs=1e-5)
             want += lp
         assert total[b].item() == pytest.approx(want, abs=1e-4)
@@ -1426,7 +1479,7 @@ def test_sft_loss_is_masked_cross_entropy_on_response_and_eos():
         assert target[i].tolist() == [0] * p + [1] * (len(r) + 1) + [0] * (ids.shape[1] - p - len(r) - 1)
         assert ids[i, p + len(r)] == EOS
     labels = ids[:, 1:].masked_fill(target[:, 1:] == 0, -100)  # independent: CE with ignore_index
-    logits = model(ids)[:, :-1, :gpt.N_TOKENS]
+    logits = sampled_ids(model(ids)[:, :-1])
     want = torch.nn.functional.cross_entropy(logits.reshape(-1, gpt.N_TOKENS), labels.reshape(-1), ignore_index=-100)
     assert torch.allclose(sft.sft_loss(model, ids, target), want, atol=1e-5)
     # the prompt's tokens are context, not targets: the loss has no term for predicting them, so
