@@ -35,6 +35,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -549,6 +550,19 @@ def test_dispatch_routes_and_forced_paths(monkeypatch):
     monkeypatch.setenv("ATTN_IMPL", "flash")
     with pytest.raises(ValueError):
         kernels.attention(q, k, v)
+
+
+def test_auto_sends_float32_to_sdpa_unless_the_kernel_is_forced(monkeypatch):
+    """--dtype float32 on a GPU: the fp32 tiles spill and overflow sm_90's shared memory, so auto takes SDPA for
+    CUDA tensors in fp32 (a stand-in for one here), not in bf16 or fp16; ATTN_IMPL=triton still runs the kernel."""
+    monkeypatch.setattr(kernels, "HAS_TRITON", True)
+    monkeypatch.setattr(kernels, "gpu_unsupported", lambda device: "")
+    on_gpu = lambda dtype: types.SimpleNamespace(is_cuda=True, device="cuda:0", dtype=dtype)  # noqa: E731
+    assert "float32" in kernels._device_unsupported(on_gpu(torch.float32))
+    assert [kernels._device_unsupported(on_gpu(dtype)) for dtype in (torch.bfloat16, torch.float16)] == ["", ""]
+    if kernels.INTERPRET:
+        monkeypatch.setenv("ATTN_IMPL", "triton")
+        assert kernels.select_path(*qkv(1, 4, 2, 8, 8, 16, seed=5)) == ("triton", "ATTN_IMPL")
 
 
 def test_gpu_below_compute_capability_8_is_not_tried(monkeypatch):
@@ -3360,6 +3374,27 @@ def test_two_runs_on_one_out_dir_and_ctrl_c(tmp_path, corpus, signum, status):
     kept = int(line.split("from step ")[1].split()[0])
     assert train.load_checkpoint(str(out / "gpt.pt"))["step"] == kept > 0 and not (out / ".lock").exists()
     assert not list(out.glob("*.tmp"))
+
+
+def test_ctrl_c_during_the_kernel_check_is_one_line(tmp_path):
+    """`python kernels.py` runs through train.run_main as the stages do: Ctrl-C is one line and exit status 130."""
+    out = tmp_path / "out"
+    check = subprocess.Popen([sys.executable, os.path.join(HERE, "kernels.py"), "--out_dir", str(out)], cwd=tmp_path,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"},
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        for _ in range(600):  # until run_main has started it: the out_dir is claimed first
+            if (out / ".lock").exists() or check.poll() is not None:
+                break
+            subprocess.run(["sleep", "0.1"])
+        assert check.poll() is None, check.communicate()[1]
+        check.send_signal(signal.SIGINT)
+        _, err = check.communicate(timeout=60)
+    finally:
+        check.kill()
+    assert_one_error_line(check.returncode, err, 130, ["interrupted: nothing was trained"])
+    assert not (out / ".lock").exists()
 
 
 def test_running_out_of_memory_is_one_line_with_what_to_lower_and_what_is_kept(tmp_path, corpus, capsys,
