@@ -213,7 +213,7 @@ def train_gpro(task, cfg, train_cfg):
     train.claim_checkpoint(path, train_cfg)
     policy, sft_ckpt = sft.load_sft_policy(task, train_cfg, device)
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
-    rm = reward.load_reward_stage(task, train_cfg, device) if cfg.reward == "rm" else None
+    rm = reward.load_reward_stage(task, train_cfg, device, sft_ckpt) if cfg.reward == "rm" else None
     before = {**sft.evaluate_policy(policy, task), "kl": sft.kl_to_reference(policy, ref, task)}
 
     def score(prompts, responses):

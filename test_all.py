@@ -30,6 +30,7 @@ import json
 import math
 import os
 import random
+import shlex
 import shutil
 import signal
 import statistics
@@ -220,6 +221,11 @@ def test_a_resume_is_refused_when_the_upstream_checkpoint_was_replaced(tmp_path)
     retrained = {"sft": {**upstream, "train_seconds": 13.0}}
     with pytest.raises(UserError, match=r"built from another sft.pt .*built_from.sft.train_seconds=12.5.*--overwrite"):
         train.claim_checkpoint(str(tmp_path / "dpo.pt"), cfg, {"stage": "dpo", "built_from": retrained})
+
+
+def test_resume_without_a_checkpoint_says_it_trains_from_scratch(tmp_path, capsys):
+    train.claim_checkpoint(str(tmp_path / "m.pt"), TrainConfig(device="cpu", out_dir=str(tmp_path), resume=True))
+    assert "m.pt does not exist, so this run trains from scratch" in capsys.readouterr().out
 
 
 def test_checkpoints_keep_the_gpu_random_state_on_cuda(monkeypatch):
@@ -3281,10 +3287,12 @@ def test_resume_of_a_finished_run_prints_its_metrics_and_rerunning_never_overwri
 
 
 @pytest.mark.parametrize("case", ["another architecture", "another learning rate", "missing fields", "another task",
-                                  "unfinished upstream"])
-def test_resume_and_upstream_checkpoints_are_checked(tmp_path, corpus, pretrained, fine_tuned, case):
-    """--resume continues only the run it saved; a stage never builds silently on a checkpoint made for another
-    task or on an unfinished one. The message names the field and the command that fixes it."""
+                                  "unfinished upstream", "a finished run of other sizes", "--init of an unfinished run",
+                                  "a reward model of another sft.pt"])
+def test_resume_and_upstream_checkpoints_are_checked(tmp_path, corpus, pretrained, fine_tuned, reward_trained, case):
+    """--resume continues only the run it saved (and prints the metrics only of the run asked for); a stage never
+    builds silently on a checkpoint made for another task, on another upstream model or on an unfinished one.
+    The message names the field and the command that fixes it, and that command works."""
     out = tmp_path / "out"
     out.mkdir()
     if case == "another architecture":  # an interrupted RMSNorm run resumed with --norm layernorm
@@ -3302,13 +3310,29 @@ def test_resume_and_upstream_checkpoints_are_checked(tmp_path, corpus, pretraine
     elif case == "another task":  # an sft.pt trained on 3 digits, a DPO run on 2
         shutil.copy(fine_tuned[1] / "sft.pt", out)
         args, words = ["dpo.py", "--digits", "2", *CPU], ["task.digits=3", "asks for 2", "python sft.py"]
-    else:  # an interrupted gpt.pt under SFT
+    elif case == "unfinished upstream":  # an interrupted gpt.pt under SFT
         unfinished_copy(pretrained[1] / "gpt.pt", out / "gpt.pt")
-        args, words = ["sft.py", *CPU], ["stopped at step 2 of 4", "python gpt.py --resume"]
+        args, words = ["sft.py", *CPU], ["stopped at step 2 of 4", "python gpt.py --resume", "--n_layer 2"]
+    elif case == "a finished run of other sizes":  # its metrics are not the ones of the default model asked for
+        shutil.copy(pretrained[1] / "gpt.pt", out)
+        args, words = ["gpt.py", "--data", corpus, "--resume", *CPU], ["cannot resume", "config.block_size=32"]
+    elif case == "--init of an unfinished run":
+        unfinished_copy(pretrained[1] / "gpt.pt", out / "gpt.pt")
+        args, words = ["sft.py", "--init", str(out / "gpt.pt"), *CPU], ["stopped at step 2 of 4", "gpt.py --resume"]
+    else:  # sft.py --overwrite since reward.py ran: PPO would score with a reward model of the old policy
+        shutil.copy(fine_tuned[1] / "sft.pt", out)
+        ckpt = train.load_checkpoint(str(reward_trained[1] / "reward.pt"))
+        old_sft = {**ckpt["built_from"]["sft"], "train_seconds": ckpt["built_from"]["sft"]["train_seconds"] + 1}
+        train.save_checkpoint(str(out / "reward.pt"), **{**ckpt, "built_from": {"sft": old_sft}})
+        args, words = ["ppo.py", *CPU], ["reward.pt was built from another sft.pt", "built_from.sft.train_seconds",
+                                         "python reward.py --overwrite"]
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     r = run_script([args[0], "--out_dir", str(out), *args[1:]], cwd=tmp_path)
-    assert_one_error_line(r.returncode, r.stderr, 2, words)
+    line = assert_one_error_line(r.returncode, r.stderr, 2, words)
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.suffix == ".pt"} == before
+    if "stopped at step" in line:  # the command it prints finishes the run, whatever flags it was started with
+        r = run_script(shlex.split(line.split("`")[1])[1:], cwd=tmp_path)
+        assert r.returncode == 0 and train.load_checkpoint(str(out / "gpt.pt"))["finished"], r.stderr[-3000:]
 
 
 def test_a_non_finite_loss_never_reaches_a_checkpoint(tmp_path, corpus):

@@ -20,6 +20,7 @@ import json
 import math
 import os
 import random
+import shlex
 import shutil
 import signal
 import sys
@@ -371,17 +372,30 @@ def first_difference(want, have, prefix=""):
     return None
 
 
+def json_difference(want, have):
+    """first_difference of the two as JSON: NaN metrics compare equal, tuples equal lists."""
+    as_json = lambda x: json.loads(json.dumps(finite_or_none(x), default=str))  # noqa: E731
+    return first_difference(as_json(want), as_json(have))
+
+
 # what a resumed run may change: where it runs and how often it validates, not what it computes
 RESUME_MAY_CHANGE = ("device", "compile", "out_dir", "resume", "overwrite", "eval_interval", "eval_batches")
+
+
+_noted = set()
 
 
 def claim_checkpoint(path, cfg, meta=None):
     """Before a stage trains into `path`: out_dir checked and locked; an existing checkpoint is never lost
     silently (--resume continues it, or prints its metrics when it finished; --overwrite replaces it); a
-    resumed one must have been built with the same `meta` (the model's config and the stage's settings) and
-    trained with the same TrainConfig but for RESUME_MAY_CHANGE, so that it continues exactly."""
+    resumed one must have been built with the same `meta` (the model's config and the stage's settings; a
+    finished one too, so that its metrics are the ones asked for) and trained with the same TrainConfig but
+    for RESUME_MAY_CHANGE, so that it continues exactly."""
     claim_out_dir(os.path.dirname(path) or ".")
     if not os.path.exists(path) or cfg.overwrite:
+        if cfg.resume and path not in _noted and rank() == 0:
+            print(f"--resume: {path} does not exist, so this run trains from scratch")
+        _noted.add(path)
         return
     ckpt = load_checkpoint(path)
     stopped = f"stopped at step {ckpt.get('step')} of {ckpt.get('max_steps')}"
@@ -389,19 +403,18 @@ def claim_checkpoint(path, cfg, meta=None):
         raise UserError(f"{path} holds a run {'that finished' if ckpt.get('finished') else stopped}: --resume "
                         f"{'prints its metrics' if ckpt.get('finished') else 'continues it'}, --overwrite trains "
                         "from scratch over it")
-    if ckpt.get("finished"):
-        raise Finished(f"{path} finished at step {ckpt.get('step')}; its metrics: "
-                       f"{json.dumps(finite_or_none(ckpt.get('metrics', {})))}")
-    want = {**(meta or {}), "train_config": {k: v for k, v in dataclasses.asdict(cfg).items()
-                                             if k not in RESUME_MAY_CHANGE}}
-    # built_from (an upstream checkpoint retrained since) compared as JSON: NaN metrics equal, tuples are lists
-    as_json = lambda x: json.loads(json.dumps(finite_or_none(x), default=str))  # noqa: E731
-    diff = first_difference(as_json(want), as_json({k: ckpt.get(k, "missing") for k in want}))
+    want = dict(meta or {})
+    if not ckpt.get("finished"):
+        want["train_config"] = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUME_MAY_CHANGE}
+    diff = json_difference(want, {k: ckpt.get(k, "missing") for k in want})
     upstream = diff and diff[0].startswith("built_from.") and diff[0].split(".")[1]
     check(not upstream, upstream and f"cannot resume {path}: it was built from another {upstream}.pt than the one in "
           f"out_dir now ({diff[0]}={diff[2]!r}, now {diff[1]!r}): start again with --overwrite")
     check(not diff, diff and f"cannot resume {path}: it was built with {diff[0].replace('train_config.', '--')}="
           f"{diff[2]!r}, this run asks for {diff[1]!r}; resume with the same settings, or start again with --overwrite")
+    if ckpt.get("finished"):
+        raise Finished(f"{path} finished at step {ckpt.get('step')}; its metrics: "
+                       f"{json.dumps(finite_or_none(ckpt.get('metrics', {})))}")
 
 
 def provenance(ckpt):
@@ -411,11 +424,33 @@ def provenance(ckpt):
                                                         "loss_history")}
 
 
-def load_stage(path, stage, train_missing, build, device="cpu", requires=None):
+def resume_command(script, ckpt, path, defaults=()):
+    """The command that finishes the interrupted run in `path`: script.py with --resume and every setting the run
+    recorded that differs from `defaults`, the script's configs (each found in the checkpoint by its fields)."""
+    flags = []
+    for config in defaults:
+        names = {f.name for f in dataclasses.fields(config)}
+        recorded = next((v for v in ckpt.values() if isinstance(v, dict) and v and set(v) <= names), {})
+        for name, value in recorded.items():
+            if value != getattr(config, name) and name not in RESUME_MAY_CHANGE:
+                flags.append(f"--{'' if value else 'no-'}{name}" if isinstance(value, bool) else
+                             f"--{name} {shlex.quote(str(value))}")
+    return " ".join([f"python {script}.py --resume --out_dir {os.path.dirname(path) or '.'}", *flags])
+
+
+def check_finished(ckpt, path, script, defaults=()):
+    """A checkpoint another run builds on must be a finished run's (script, defaults: for the command that
+    finishes it)."""
+    check(ckpt.get("finished"), f"{path} stopped at step {ckpt.get('step')} of {ckpt.get('max_steps')}: finish it "
+          f"with `{resume_command(script, ckpt, path, defaults)}`, or delete it")
+
+
+def load_stage(path, stage, train_missing, build, device="cpu", requires=None, defaults=()):
     """The model of an earlier stage's checkpoint, checked before use: the run must have finished, and match
-    `requires` (e.g. {"task": {"digits": 3}}). When it is missing, train_missing() trains it first, so any
-    script works on a fresh clone. build(ckpt, path) -> the model (gpt.model_from_checkpoint for a GPT).
-    Returns (model, ckpt)."""
+    `requires` (e.g. {"task": {"digits": 3}}, or the provenance of the checkpoint it must have been built from).
+    When it is missing, train_missing() trains it first, so any script works on a fresh clone. build(ckpt, path)
+    -> the model (gpt.model_from_checkpoint for a GPT); defaults: the configs of that stage's script, for the
+    command that finishes an interrupted run. Returns (model, ckpt)."""
     if not os.path.exists(path):
         print(f"{path} not found: training that stage first")
         train_missing()
@@ -423,9 +458,12 @@ def load_stage(path, stage, train_missing, build, device="cpu", requires=None):
     where = f"--out_dir {os.path.dirname(path) or '.'}"
     check("finished" in ckpt, f"{path} records nothing of how it was built (an earlier version of this project "
           "wrote it): delete it and run again")
-    check(ckpt["finished"], f"{path} stopped at step {ckpt.get('step')} of {ckpt.get('max_steps')}: finish it "
-          f"with `python {stage}.py --resume {where}`, or delete it")
-    diff = first_difference(requires or {}, ckpt)
+    check_finished(ckpt, path, stage, defaults)
+    diff = json_difference(requires or {}, ckpt)
+    upstream = diff and diff[0].startswith("built_from.") and diff[0].split(".")[1]
+    check(not upstream, upstream and f"{path} was built from another {upstream}.pt than the one in "
+          f"{os.path.dirname(path) or '.'} now ({diff[0]} differs): run `python {stage}.py --overwrite {where}` "
+          "to build it again on that one, or delete it")
     check(not diff, diff and f"{path} was built with {diff[0]}={diff[2]!r}, this run asks for {diff[1]!r}: delete "
           f"it (or give another --out_dir) and run again, or run `python {stage}.py {where}` with that setting")
     return build(ckpt, path).to(device), ckpt
