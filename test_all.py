@@ -2518,7 +2518,10 @@ def test_ppo_with_dropout_starts_on_policy(tmp_path, fine_tuned, reward_trained,
     dropout's noise would count as a policy change."""
     out = stage_dir(tmp_path, reward_trained[1] / "reward.pt")
     ckpt = train.load_checkpoint(str(fine_tuned[1] / "sft.pt"))
-    train.save_checkpoint(str(out / "sft.pt"), **{**ckpt, "config": {**ckpt["config"], "dropout": 0.1}})
+    ckpt = {**ckpt, "config": {**ckpt["config"], "dropout": 0.1}}
+    train.save_checkpoint(str(out / "sft.pt"), **ckpt)
+    rm = train.load_checkpoint(str(out / "reward.pt"))  # as if reward.py had run on this sft.pt
+    train.save_checkpoint(str(out / "reward.pt"), **{**rm, "built_from": {"sft": train.provenance(ckpt)}})
     first, real = [], ppo.ppo_loss
 
     def recording(*args):

@@ -252,7 +252,7 @@ SEED_LIMIT = 2 ** 32
 
 def check_seed(seed, name="seed"):
     """A seed in [0, 2^32): step_seed below, (seed + 7919 rank) * 1_000_003 + step, then stays far below the
-    2^64 that torch.Generator.manual_seed accepts, for any rank and step."""
+    2^64 that torch.Generator.manual_seed accepts, for any rank and step a run reaches."""
     check(0 <= seed < SEED_LIMIT, f"{name} must be in [0, 2^32 = {SEED_LIMIT}), got {seed}")
 
 
