@@ -395,7 +395,6 @@ class KVCache:
         return sum(t.numel() * t.element_size() for c in self.layers for t in vars(c).values() if torch.is_tensor(t))
 
 
-NEVER_SAMPLED = torch.tensor([PAD])  # generate() fills finished rows with PAD and drops it: a response never holds it
 LOGP_FLOOR = -1e30  # log 0, finite: exp() of it is 0, and 0 * it is 0 in entropies and KLs
 
 
@@ -405,7 +404,10 @@ def logprobs_from_logits(logits, temperature=1.0):
     Sampling and sequence log-probs both use this one function, so they score exactly the distribution that is
     sampled. Off T = 1 the max is subtracted first: z / T cannot overflow, and a tiny T is greedy."""
     check(temperature > 0, f"temperature must be > 0 to give log-probs (0 is greedy decoding), got {temperature}")
-    z = logits[..., :N_TOKENS].float().index_fill(-1, NEVER_SAMPLED.to(logits.device), float("-inf"))
+    z = logits[..., :N_TOKENS].float().clone()
+    # generate() fills finished rows with PAD and drops it, so a drawn PAD would condition what follows yet be
+    # missing from the response; BOS and SEP are kept in a response when drawn, so they are scored as sampled
+    z[..., PAD] = float("-inf")
     if temperature != 1:
         z = (z - z.amax(-1, keepdim=True)) / temperature
     return F.log_softmax(z, dim=-1).clamp(min=LOGP_FLOOR)
