@@ -3215,7 +3215,7 @@ def test_diffusion_main_end_to_end(tmp_path, capsys):
 
 # =============================================================================================
 # 10. Off the happy path: every bad value and failure ends in one line that says what to do, exit status 2
-# (130 for Ctrl-C, 0 for --resume of a finished run), no traceback, and nothing trained is lost
+# (130 for Ctrl-C, 143 for SIGTERM, 0 for --resume of a finished run), no traceback, and nothing trained is lost
 
 def assert_one_error_line(code, err, status, words):
     assert code == status, err[-3000:]
