@@ -332,7 +332,10 @@ def claim_out_dir(out_dir):
             break
         except FileExistsError:
             text = open(lock).read().strip()
-            # a run writes its id as it creates the lock: anything else is left from a run that failed there
+            if not text:  # a run writes its id just after creating the lock: read again a moment later
+                time.sleep(0.5)
+                text = open(lock).read().strip()
+            # anything but a process id is then left from a run that failed as it started
             check(text.isdigit() and int(text) > 0, f"{lock} holds no process id ({text[:20]!r}), left by a run "
                   f"that failed at start-up: if no run is using --out_dir {out_dir}, delete {lock}")
             with contextlib.suppress(ProcessLookupError):
