@@ -444,7 +444,9 @@ def resume_command(script, ckpt, path, defaults=()):
 def check_finished(ckpt, path, script, defaults=()):
     """A checkpoint another run builds on must be a finished run's (script, defaults: for the command that
     finishes it)."""
-    check(ckpt.get("finished"), f"{path} stopped at step {ckpt.get('step')} of {ckpt.get('max_steps')}: finish it "
+    check("finished" in ckpt, f"{path} records nothing of how it was built (an earlier version of this project "
+          "wrote it): delete it and run again")
+    check(ckpt["finished"], f"{path} stopped at step {ckpt.get('step')} of {ckpt.get('max_steps')}: finish it "
           f"with `{resume_command(script, ckpt, path, defaults)}`, or delete it")
 
 
@@ -459,8 +461,6 @@ def load_stage(path, stage, train_missing, build, device="cpu", requires=None, d
         train_missing()
     ckpt = load_checkpoint(path)
     where = f"--out_dir {os.path.dirname(path) or '.'}"
-    check("finished" in ckpt, f"{path} records nothing of how it was built (an earlier version of this project "
-          "wrote it): delete it and run again")
     check_finished(ckpt, path, stage, defaults)
     diff = json_difference(requires or {}, ckpt)
     upstream = diff and diff[0].startswith("built_from.") and diff[0].split(".")[1]
