@@ -29,8 +29,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from train import (TrainConfig, UserError, arg, claim_out_dir, parse_args, print_table, run_main, step_generator, train,
-                 write_metrics)
+from train import (TrainConfig, UserError, arg, check_seed, claim_out_dir, parse_args, print_table, run_main,
+                   step_generator, train, write_metrics)
 
 MC_TOL = 4.0  # Monte-Carlo checks pass within this many standard errors
 
@@ -79,6 +79,11 @@ class DiffusionConfig:
         if min(self.n_mc, self.n_learned, self.n_eval) < 100:
             raise UserError("--n_mc, --n_learned and --n_eval must be at least 100 for the Monte-Carlo errors to "
                             "mean anything")
+        too_many = [name for name in ("n_mc", "n_learned", "n_data", "n_eval") if getattr(self, name) > 10 ** 8]
+        if too_many:  # a sampler holds several float64 arrays of n_mc values: 10^8 of them are gigabytes already
+            raise UserError(f"--{too_many[0]} must be at most 10^8: each sample count sizes arrays held in memory "
+                            f"at once, got {getattr(self, too_many[0])}")
+        check_seed(self.seed)
         try:
             Ts, ts = self.Ts, self.ts
         except ValueError:

@@ -13,6 +13,10 @@ beta log Z(x), and log Z(x) cancels in a difference of two responses to the same
 
 Losses (--loss): sigmoid (DPO), ipo (squared: (h - 1/(2 beta))^2 on the log-ratio margin h),
 hinge (SLiC: max(0, 1 - beta h)); --label_smoothing eps for the sigmoid loss (conservative DPO).
+IPO's h here is the margin of the sequence log-ratios log pi(y|x)/pi_ref(y|x), summed over tokens as every
+loss of this file, so that its target 1/(2 beta) is the one of IPO's objective as the paper writes it, on whole
+sequences (Azar et al. 2023); --ipo_per_token takes the mean over each response's tokens (and <eos>)
+instead, as TRL does and as the IPO authors say their experiments did: a length-independent margin.
 The Plackett-Luce form ranks K responses (homework 2(g)); with K = 2 it is DPO exactly.
 --rpo_alpha adds the NLL of the chosen response (RPO, Pang et al. 2024): L = L_DPO + alpha NLL(y+).
 
@@ -80,12 +84,16 @@ class DPOConfig:
     label_smoothing: float = arg(0.0, "sigmoid loss: probability that a label is flipped")
     rpo_alpha: float = arg(0.0, "weight of the NLL of the chosen response per token (RPO, Pang et al. 2024; "
                                 "0 = the preference loss alone)")
+    ipo_per_token: bool = arg(False, "ipo: the margin of the per-token mean log-ratios (TRL's IPO) instead of the "
+                                     "summed sequence log-ratios")
 
     def __post_init__(self):
         train.check(self.beta > 0, f"beta must be > 0, got {self.beta}")
         train.check_choice(self, "loss", ("sigmoid", "ipo", "hinge", "plackett_luce"))
         train.check(0 <= self.label_smoothing < 0.5, f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         train.check(self.rpo_alpha >= 0, f"rpo_alpha must be >= 0, got {self.rpo_alpha}")
+        train.check(not self.ipo_per_token or self.loss == "ipo", f"--ipo_per_token changes the ipo loss: use it "
+                    f"with --loss ipo, got --loss {self.loss}")
 
 
 def response_logps(model, comparisons, device):
@@ -103,21 +111,22 @@ def chosen_nll(logp_chosen, n_tokens):
     return -logp_chosen.sum() / n_tokens.sum()
 
 
-def preference_step(logps, ref_logps, cfg, n_tokens=None):
-    """The loss and the metrics practitioners log, from log-probs (B, K) ranked best first; n_tokens (B,): the
-    length of the chosen responses with <eos>, for the RPO term (cfg.rpo_alpha > 0)."""
+def preference_step(logps, ref_logps, cfg, lengths=None):
+    """The loss and the metrics practitioners log, from log-probs (B, K) ranked best first; lengths (B, K): the
+    responses' lengths with <eos>, for the RPO term (cfg.rpo_alpha > 0) and cfg.ipo_per_token."""
     if cfg.loss == "plackett_luce":
         losses = plackett_luce_loss(logps, ref_logps, cfg.beta)
         r_c, r_r = cfg.beta * (logps[:, 0] - ref_logps[:, 0]), cfg.beta * (logps[:, -1] - ref_logps[:, -1])
     else:
-        losses, r_c, r_r = dpo_loss(logps[:, 0], logps[:, 1], ref_logps[:, 0], ref_logps[:, 1], cfg.beta,
+        per = lengths if cfg.ipo_per_token else 1  # TRL's IPO: mean log-probs per token
+        losses, r_c, r_r = dpo_loss(*(logps / per).unbind(-1), *(ref_logps / per).unbind(-1), cfg.beta,
                                     cfg.loss, cfg.label_smoothing)
     stats = {"rewards/chosen": r_c.mean().item(), "rewards/rejected": r_r.mean().item(),
              "rewards/margins": (r_c - r_r).mean().item(), "rewards/accuracies": (r_c > r_r).float().mean().item(),
              "logps/chosen": logps[:, 0].mean().item(), "logps/rejected": logps[:, -1].mean().item()}
     loss = losses.mean()
     if cfg.rpo_alpha:  # L_DPO + alpha L_NLL: keeps the chosen likely while the margin grows
-        nll = chosen_nll(logps[:, 0], n_tokens)
+        nll = chosen_nll(logps[:, 0], lengths[:, 0])
         loss, stats["nll"] = loss + cfg.rpo_alpha * nll, nll.item()
     return loss, stats
 
@@ -175,15 +184,15 @@ def train_dpo(task, pref, cfg, train_cfg):
 
     def loss_fn(net, batch):
         comparisons, ref_b = batch
-        n_chosen = torch.tensor([len(ys[0]) + 1 for _, ys, _ in comparisons], device=device)  # + <eos>
-        loss, stats = preference_step(response_logps(net, comparisons, device), ref_b, cfg, n_chosen)
+        lengths = torch.tensor([[len(y) + 1 for y in ys] for _, ys, _ in comparisons], device=device)  # + <eos>
+        loss, stats = preference_step(response_logps(net, comparisons, device), ref_b, cfg, lengths)
         return loss + gpt.aux_loss(policy), {"tokens": sum(len(y) + 1 for _, ys, _ in comparisons for y in ys),
                                              "margin": stats["rewards/margins"], "acc": stats["rewards/accuracies"],
                                              "logp_c": stats["logps/chosen"], "logp_r": stats["logps/rejected"]}
 
     def evaluate(m):
         _, stats = preference_step(response_logps(m, held, device), held_ref,
-                                   dataclasses.replace(cfg, loss="sigmoid", rpo_alpha=0.0))
+                                   dataclasses.replace(cfg, loss="sigmoid", rpo_alpha=0.0, ipo_per_token=False))
         return {**{f"heldout_{k}": v for k, v in stats.items()}, **sft.evaluate_policy(m, task),
                 "kl": sft.kl_to_reference(m, ref, task), **answer_stats(m, task, held_prompts, device)}
 

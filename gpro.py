@@ -175,6 +175,8 @@ class GPROConfig:
         train.check_choice(self, "importance_sampling_level", ("token", "sequence"))
         train.check(self.k >= 2 and self.beta > 0 and self.kl_coef >= 0, f"need k >= 2, beta > 0 and kl_coef >= 0, "
                   f"got k={self.k}, beta={self.beta}, kl_coef={self.kl_coef}")
+        train.check(self.beta >= 1e-6, f"beta must be >= 1e-6 (below it r / beta overflows for large rewards, and "
+                    f"the weights softmax(r / beta) are already the best response's alone), got {self.beta}")
         train.check(self.mu >= 1, f"mu must be >= 1, got {self.mu}")
         train.check(0 < self.clip_eps < 1, f"clip_eps must be in (0, 1), got {self.clip_eps}")
         train.check(self.clip_eps_high >= 0, f"clip_eps_high must be >= 0 (0 = clip_eps), got {self.clip_eps_high}")
@@ -242,14 +244,16 @@ CLIP_KEYS = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_m
 
 
 def train_gpro(task, cfg, train_cfg):
-    """The whole stage: SFT policy (and the reward model for --reward rm) -> GPRO or GRPO, the before/after
-    table and out_dir/gpro_metrics.json. Returns (policy, metrics)."""
+    """The whole stage: SFT policy (and the reward model for --reward rm) -> GPRO or GRPO into out_dir/<algo>.pt,
+    the before/after table and out_dir/<algo>_metrics.json. Returns (policy, metrics)."""
+    train.check(cfg.algo == "gpro" or train_cfg.grad_accum == 1, "GRPO's batch is one rollout: use --batch_size "
+                "(prompts per rollout), not --grad_accum")  # before any stage trains
     device = train.pick_device(train_cfg.device)
     path = os.path.join(train_cfg.out_dir, f"{cfg.algo}.pt")
     train.claim_checkpoint(path, train_cfg)
     policy, sft_ckpt = sft.load_sft_policy(task, train_cfg, device)
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
-    rm = reward.load_reward_stage(task, train_cfg, device) if cfg.reward == "rm" else None
+    rm = reward.load_reward_stage(task, train_cfg, device, sft_ckpt) if cfg.reward == "rm" else None
     before = {**sft.evaluate_policy(policy, task), "kl": sft.kl_to_reference(policy, ref, task)}
 
     def score(prompts, responses):
@@ -279,7 +283,7 @@ def train_gpro(task, cfg, train_cfg):
                                                                           f"{m['clip_ratio/high_mean']:.2%}"))
         train.print_table(f"{cfg.algo.upper()} (K={cfg.k}, {strength}, reward={cfg.reward}) on held-out prompts",
                         sft.before_after_rows(m) + rows)
-        train.write_metrics("gpro", {**m, "algo": cfg.algo}, train_cfg.out_dir)
+        train.write_metrics(cfg.algo, {**m, "algo": cfg.algo}, train_cfg.out_dir)  # beside its checkpoint, <algo>.pt
     return policy, m
 
 
@@ -311,8 +315,6 @@ def train_grpo(policy, ref, task, cfg, train_cfg, score, evaluate, path, meta):
     """GRPO's loop (Shao et al. 2024, Algorithm 1) from train.Trainer's pieces: each rollout samples a group batch
     with theta_old and records its log-probs, then mu optimizer steps train on it. Returns the Trainer's figures
     plus the clip fractions averaged over all optimizer steps."""
-    train.check(train_cfg.grad_accum == 1, "GRPO's batch is one rollout: use --batch_size (prompts per rollout), "
-              "not --grad_accum")
     run = train.Trainer(policy, train_cfg, path, meta, desc=cfg.algo, train_mode=False)  # trains as it samples
     sums = run.state.setdefault("clip_sums", dict.fromkeys(CLIP_KEYS, 0.0))
     while not run.done:

@@ -395,17 +395,30 @@ class KVCache:
         return sum(t.numel() * t.element_size() for c in self.layers for t in vars(c).values() if torch.is_tensor(t))
 
 
+LOGP_FLOOR = -1e30  # log 0, finite: exp() of it is 0, and 0 * it is 0 in entropies and KLs
+
+
 def logprobs_from_logits(logits, temperature=1.0):
-    """log softmax(z / T) over the real token ids only (notes 10.5, temperature sampling): the
-    vocabulary's padding ids are dropped, so the result is (..., N_TOKENS). Sampling and sequence
-    log-probs both use this one function, so they score exactly the distribution that is sampled."""
-    return F.log_softmax(logits[..., :N_TOKENS].float() / temperature, dim=-1)
+    """log softmax(z / T) over the ids a sequence may hold (notes 10.5, temperature sampling): the vocabulary's
+    padding ids are dropped, so the result is (..., N_TOKENS), and PAD gets probability 0 (log-prob LOGP_FLOOR).
+    Sampling and sequence log-probs both use this one function, so they score exactly the distribution that is
+    sampled. Off T = 1 the max is subtracted first: z / T cannot overflow, and a tiny T is greedy."""
+    check(temperature > 0, f"temperature must be > 0 to give log-probs (0 is greedy decoding), got {temperature}")
+    z = logits[..., :N_TOKENS].float().clone()
+    # generate() fills finished rows with PAD and drops it, so a drawn PAD would condition what follows yet be
+    # missing from the response; BOS and SEP are kept in a response when drawn, so they are scored as sampled
+    z[..., PAD] = float("-inf")
+    if temperature != 1:
+        z = (z - z.amax(-1, keepdim=True)) / temperature
+    return F.log_softmax(z, dim=-1).clamp(min=LOGP_FLOOR)
 
 
 def check_sampling(temperature=1.0, top_k=0, top_p=1.0):
-    check(temperature >= 0, f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    check(top_k >= 0, f"top_k must be >= 0 (0 = off), got {top_k}")
-    check(0 < top_p <= 1, f"top_p must be in (0, 1] (1 = off), got {top_p}")
+    check(isinstance(temperature, (int, float)) and 0 <= temperature < math.inf, f"temperature must be a number "
+          f">= 0 (0 = greedy), got {temperature!r}")
+    check(isinstance(top_k, int) and not isinstance(top_k, bool) and top_k >= 0, f"top_k must be an integer >= 0 "
+          f"(0 = off), got {top_k!r}")
+    check(isinstance(top_p, (int, float)) and 0 < top_p <= 1, f"top_p must be in (0, 1] (1 = off), got {top_p!r}")
 
 
 def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):

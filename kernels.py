@@ -527,7 +527,12 @@ def _device_unsupported(q):
     """Why auto does not take the kernel for tensors where q is ("" when it does)."""
     if not HAS_TRITON:
         return "triton is not installed"
-    return gpu_unsupported(q.device) if q.is_cuda else "no CUDA tensor"
+    if not q.is_cuda:
+        return "no CUDA tensor"
+    # fp32 tiles (--dtype float32 on a GPU) spill registers heavily at head dim 128 and need more shared memory
+    # than sm_90 has for one tile: SDPA, unless ATTN_IMPL=triton asks for the kernel (python kernels.py --fp32)
+    return gpu_unsupported(q.device) or ("float32 (the kernel's tiles are sized for bf16 and fp16)"
+                                         if q.dtype == torch.float32 else "")
 
 
 def _kernel_class(q, k, causal):

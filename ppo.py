@@ -367,7 +367,7 @@ def train_ppo(task, cfg, train_cfg):
     train.claim_checkpoint(path, train_cfg)
     policy, sft_ckpt = sft.load_sft_policy(task, train_cfg, device)
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
-    rm = reward.load_reward_stage(task, train_cfg, device).requires_grad_(False)
+    rm = reward.load_reward_stage(task, train_cfg, device, sft_ckpt).requires_grad_(False)
     # The critic is a trunk initialised from the reward model's, trained (requires_grad on again).
     critic = Critic(copy.deepcopy(rm.backbone).requires_grad_(True)).to(device)
     model = ActorCritic(policy, critic)

@@ -279,13 +279,15 @@ def reward_defaults():
                             eval_interval=1000, weight_decay=0.0))
 
 
-def load_reward_stage(task, train_cfg, device):
-    """out_dir/reward.pt, checked to be finished and built for this task; trained first with this script's
-    defaults (and the caller's task, seed, device, dtype) when it is missing. Returns the reward model."""
+def load_reward_stage(task, train_cfg, device, sft_ckpt):
+    """out_dir/reward.pt, checked to be finished and built for this task on this sft.pt (sft_ckpt, the policy's);
+    trained first with this script's defaults (and the caller's task, seed, device, dtype) when it is missing.
+    Returns the reward model."""
     _, pref, rcfg, defaults = reward_defaults()
     rm, _ = train.load_stage(os.path.join(train_cfg.out_dir, "reward.pt"), "reward", lambda: train_reward(
         task, pref, rcfg, train.inherit(defaults, train_cfg)), build_reward_model, device,
-        requires={"task": task.identity})
+        requires={"task": task.identity, "built_from": {"sft": train.provenance(sft_ckpt)}},
+        defaults=reward_defaults())
     return rm.eval()
 
 

@@ -485,6 +485,11 @@ class SFTConfig:
         train.check(not self.init or os.path.isfile(self.init), f"--init {self.init}: no such file")
         train.check(all(x.strip().lstrip("-").isdigit() for x in self.seeds.split(",")) if self.seeds else True,
                   f"--seeds {self.seeds!r}: give comma-separated integers, e.g. 0,1,2,3,4")
+        seeds = self.seed_list()
+        train.check(len(set(seeds)) == len(seeds), f"--seeds {self.seeds!r} names a seed twice (each run goes to "
+                    "out_dir/seed_<N>)")
+        for seed in seeds:
+            train.check_seed(seed, "each of --seeds")
 
     def seed_list(self):
         return [int(x) for x in self.seeds.split(",")] if self.seeds else []
@@ -606,10 +611,13 @@ def train_sft(task, sft_cfg, train_cfg):
     train.claim_checkpoint(checkpoint_path(sft_cfg, train_cfg), train_cfg)
     if sft_cfg.init:
         model, ckpt = gpt.load_model(sft_cfg.init, device)
+        train.check_finished(ckpt, sft_cfg.init, ckpt.get("stage", "gpt"), gpt.pretrain_defaults()
+                             if ckpt.get("stage") == "gpt" else sft_defaults())
     else:
         model_cfg, defaults, data_cfg = gpt.pretrain_defaults()
         model, ckpt = train.load_stage(os.path.join(train_cfg.out_dir, "gpt.pt"), "gpt", lambda: gpt.pretrain_and_report(
-            model_cfg, train.inherit(defaults, train_cfg), data_cfg), gpt.model_from_checkpoint, device)
+            model_cfg, train.inherit(defaults, train_cfg), data_cfg), gpt.model_from_checkpoint, device,
+            defaults=gpt.pretrain_defaults())
     before = evaluate_policy(model, task)
     model, m = finetune(model, task, sft_cfg, train_cfg, {ckpt.get("stage", "init"): train.provenance(ckpt)})
     m["before"] = before
@@ -644,7 +652,7 @@ def load_sft_policy(task, train_cfg, device):
     _, sft_cfg, defaults = sft_defaults()
     return train.load_stage(os.path.join(train_cfg.out_dir, "sft.pt"), "sft", lambda: train_sft(
         task, sft_cfg, train.inherit(defaults, train_cfg)), gpt.model_from_checkpoint, device,
-        requires={"task": task.identity})
+        requires={"task": task.identity}, defaults=sft_defaults())
 
 
 def seed_sweep(task, sft_cfg, train_cfg):
@@ -654,7 +662,7 @@ def seed_sweep(task, sft_cfg, train_cfg):
     base = os.path.join(train_cfg.out_dir, "gpt.pt")
     model_cfg, defaults, data_cfg = gpt.pretrain_defaults()
     train.load_stage(base, "gpt", lambda: gpt.pretrain_and_report(model_cfg, train.inherit(defaults, train_cfg), data_cfg),
-                     gpt.model_from_checkpoint)
+                     gpt.model_from_checkpoint, defaults=gpt.pretrain_defaults())
     runs = {}
     for seed in sft_cfg.seed_list():
         _, runs[seed] = train_sft(task, dataclasses.replace(sft_cfg, init=base, seeds=""), dataclasses.replace(

@@ -25,15 +25,18 @@ Contents, one section per source file in the README's order, the whole chain las
 import ast
 import copy
 import dataclasses
+import errno
 import json
 import math
 import os
 import random
+import shlex
 import shutil
 import signal
 import statistics
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -62,6 +65,14 @@ from train import TrainConfig, UserError  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROJECT = ("train", "kernels", "gpt", "sft", "reward", "ppo", "dpo", "gpro", "compare", "diffusion_toy")
+
+
+def sampled_ids(logits):
+    """The logits of the ids a response may hold, the ones sampling draws from: the real token ids (no padding of the
+    vocabulary) but PAD, which fills finished rows."""
+    z = logits[..., :gpt.N_TOKENS].clone()
+    z[..., PAD] = -math.inf
+    return z
 
 
 def tiny(**kw):
@@ -176,22 +187,25 @@ def tiny_run(tmp_path, steps, resume=False, init_seed=0, crash_at=None, eval_int
         losses.append(loss.item())
         return loss, {"tokens": batch[0].numel()}
 
-    train.train(model, cfg, get, loss_fn, ckpt_path=str(tmp_path / "m.pt"),
-              meta={"config": dataclasses.asdict(model.cfg)})
-    return model, losses
+    result = train.train(model, cfg, get, loss_fn, ckpt_path=str(tmp_path / "m.pt"),
+                         meta={"config": dataclasses.asdict(model.cfg)})
+    return model, losses, result
 
 
 def test_checkpoint_round_trip_and_exact_resume(tmp_path):
-    straight, losses = tiny_run(tmp_path / "a", 6)
+    straight, losses, figures = tiny_run(tmp_path / "a", 20)
     with pytest.raises(Crash):
-        tiny_run(tmp_path / "b", 6, crash_at=4)  # dies in step 5, after the checkpoint of step 3
+        tiny_run(tmp_path / "b", 20, crash_at=10)  # dies in step 11, after the checkpoint of step 9
     # its fresh init is overwritten; validating at other steps is a change that resuming allows
-    resumed, rest = tiny_run(tmp_path / "b", 6, resume=True, init_seed=99, eval_interval=2)
-    assert rest == pytest.approx(losses[3:], abs=1e-6)
+    resumed, rest, resumed_figures = tiny_run(tmp_path / "b", 20, resume=True, init_seed=99, eval_interval=2)
+    assert rest == pytest.approx(losses[9:], abs=1e-6)
     for (n, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-6), n
+    # the reported loss is the mean of the last tenth of all 20 steps, not of the 11 since the resume
+    assert figures["train_loss"] == pytest.approx(statistics.mean(losses[-2:]), abs=1e-6)
+    assert resumed_figures["train_loss"] == pytest.approx(figures["train_loss"], abs=1e-6)
     loaded, ckpt = gpt.load_model(str(tmp_path / "a" / "m.pt"))
-    assert ckpt["step"] == 6 and loaded.cfg == straight.cfg
+    assert ckpt["step"] == 20 and loaded.cfg == straight.cfg
     x = torch.randint(0, 256, (2, 10))
     assert torch.equal(loaded.eval()(x), straight.eval()(x))
 
@@ -232,6 +246,56 @@ def test_the_learning_curve_holds_every_validation_and_survives_a_resume(tmp_pat
     _, resumed = run(tmp_path / "b", resume=True)
     assert [c["step"] for c in resumed["curve"]] == [3, 6, 7]
     assert [c["fixed_loss"] for c in resumed["curve"]] == pytest.approx([c["fixed_loss"] for c in curve], abs=1e-6)
+
+
+def test_a_resume_is_refused_when_the_upstream_checkpoint_was_replaced(tmp_path):
+    """A stage resumed after the checkpoint it was built from was trained again (sft.py --overwrite under an
+    interrupted dpo.py) would continue on another reference model: refused, naming the field; an unchanged
+    upstream resumes (its NaN metrics compare equal)."""
+    cfg = TrainConfig(device="cpu", out_dir=str(tmp_path), resume=True)
+    upstream = {"stage": "sft", "train_seconds": 12.5, "metrics": {"loss": 0.3, "kl": float("nan")}}
+    train.save_checkpoint(str(tmp_path / "dpo.pt"), model={}, stage="dpo", built_from={"sft": upstream},
+                          finished=False, step=2, max_steps=4, train_config=dataclasses.asdict(cfg))
+    train.claim_checkpoint(str(tmp_path / "dpo.pt"), cfg, {"stage": "dpo", "built_from": {"sft": dict(upstream)}})
+    retrained = {"sft": {**upstream, "train_seconds": 13.0}}
+    with pytest.raises(UserError, match=r"built from another sft.pt .*built_from.sft.train_seconds=12.5.*--overwrite"):
+        train.claim_checkpoint(str(tmp_path / "dpo.pt"), cfg, {"stage": "dpo", "built_from": retrained})
+
+
+def test_resume_without_a_checkpoint_says_it_trains_from_scratch(tmp_path, capsys):
+    train.claim_checkpoint(str(tmp_path / "m.pt"), TrainConfig(device="cpu", out_dir=str(tmp_path), resume=True))
+    assert "m.pt does not exist, so this run trains from scratch" in capsys.readouterr().out
+
+
+def test_checkpoints_keep_the_gpu_random_state_on_cuda(monkeypatch):
+    """Dropout on a GPU draws from the CUDA generator: an exact resume restores it too (here a stand-in)."""
+    gpu = {"state": torch.tensor([1, 2, 3], dtype=torch.uint8)}
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: gpu["state"].clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: gpu.update(state=state))
+    saved = train.rng_state("cuda:0")
+    assert torch.equal(saved["cuda"], gpu["state"]) and train.rng_state("cpu")["cuda"] is None
+    gpu["state"] = torch.tensor([9], dtype=torch.uint8)
+    cpu_draw = torch.rand(3)
+    train.set_rng_state(saved, "cuda:0")
+    assert torch.equal(gpu["state"], torch.tensor([1, 2, 3], dtype=torch.uint8)) and torch.equal(torch.rand(3),
+                                                                                                  cpu_draw)
+
+
+@pytest.mark.parametrize("name, tflops", [
+    ("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 NVL", 835), ("NVIDIA H100 PCIe", 756), ("NVIDIA H200", 989),
+    ("NVIDIA H200 NVL", 835), ("NVIDIA GH200 480GB", 989), ("NVIDIA A100-SXM4-80GB", 312), ("NVIDIA A10", 125),
+    ("NVIDIA A10G", 125), ("NVIDIA L4", 121), ("NVIDIA L40", 181), ("NVIDIA L40S", 362), ("Tesla T4", 65)])
+def test_peak_flops_are_read_from_the_most_specific_device_name(monkeypatch, name, tflops):
+    """Vendor datasheets' dense bf16 (fp16 on T4) figures: an H200 NVL is not an H200 SXM, an L40 not an L4."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: name)
+    assert train.device_peak_flops("cuda:0") == (tflops * 1e12, name)
+
+
+def test_the_largest_seed_gives_valid_streams_on_any_rank_and_step(monkeypatch):
+    monkeypatch.setenv("RANK", "4095")
+    g = train.step_generator(train.SEED_LIMIT - 1, 10 ** 12)
+    assert g.initial_seed() == ((train.SEED_LIMIT - 1 + 7919 * 4095) * 1_000_003 + 10 ** 12) % 2 ** 64
+    assert train.step_rng(train.SEED_LIMIT - 1, 10 ** 12).random() < 1
 
 
 def test_corrupt_and_mismatched_checkpoints_give_clear_errors(tmp_path):
@@ -531,6 +595,19 @@ def test_dispatch_routes_and_forced_paths(monkeypatch):
     monkeypatch.setenv("ATTN_IMPL", "flash")
     with pytest.raises(ValueError):
         kernels.attention(q, k, v)
+
+
+def test_auto_sends_float32_to_sdpa_unless_the_kernel_is_forced(monkeypatch):
+    """--dtype float32 on a GPU: the fp32 tiles spill and overflow sm_90's shared memory, so auto takes SDPA for
+    CUDA tensors in fp32 (a stand-in for one here), not in bf16 or fp16; ATTN_IMPL=triton still runs the kernel."""
+    monkeypatch.setattr(kernels, "HAS_TRITON", True)
+    monkeypatch.setattr(kernels, "gpu_unsupported", lambda device: "")
+    on_gpu = lambda dtype: types.SimpleNamespace(is_cuda=True, device="cuda:0", dtype=dtype)  # noqa: E731
+    assert "float32" in kernels._device_unsupported(on_gpu(torch.float32))
+    assert [kernels._device_unsupported(on_gpu(dtype)) for dtype in (torch.bfloat16, torch.float16)] == ["", ""]
+    if kernels.INTERPRET:
+        monkeypatch.setenv("ATTN_IMPL", "triton")
+        assert kernels.select_path(*qkv(1, 4, 2, 8, 8, 16, seed=5)) == ("triton", "ATTN_IMPL")
 
 
 def test_gpu_below_compute_capability_8_is_not_tried(monkeypatch):
@@ -1249,12 +1326,57 @@ def test_generate_and_the_context_reject_bad_arguments():
     for kwargs, words in ((dict(max_new_tokens=-1), "max_new_tokens"), (dict(top_p=0.0), "top_p"),
                           (dict(top_k=-2), "top_k"), (dict(temperature=-1.0), "temperature"),
                           (dict(prompts=[[BOS, 400]]), "token ids"), (dict(prompts=[[]]), "at least one token"),
-                          (dict(prompts=[[BOS] * 60]), "block_size")):
+                          (dict(prompts=[[BOS] * 60]), "block_size"), (dict(top_k=2.5), "top_k must be an integer"),
+                          (dict(temperature=float("nan")), "temperature"), (dict(top_p="0.9"), "top_p")):
         args = {"prompts": [[BOS, 5]], "max_new_tokens": 10, **kwargs}
         with pytest.raises(UserError, match=words):
             generate(model, args.pop("prompts"), **args)
     with pytest.raises(UserError, match="block_size"):
         model(torch.zeros(1, 65, dtype=torch.long))
+    ids = torch.tensor([[BOS, 5, 6]])
+    with pytest.raises(UserError, match="temperature must be > 0"):  # was NaN, silently
+        sequence_logprobs(model, ids, torch.ones_like(ids), temperature=0)
+
+
+def test_a_tiny_temperature_is_greedy_without_overflow():
+    """z / T overflows float32 for T = 1e-45 (multinomial saw inf and nan): the limit T -> 0 is greedy."""
+    model = seeded_model()
+    logits = 10 * torch.randn(6, 320, generator=torch.Generator().manual_seed(0))
+    logits[:, gpt.N_TOKENS:] = 100.0  # the vocabulary's padding ids are never candidates
+    logp = gpt.logprobs_from_logits(logits, 1e-45)
+    greedy = sampled_ids(logits).argmax(-1)
+    assert torch.isfinite(logp).all() and torch.equal(logp.argmax(-1), greedy) and (logp.max(-1).values == 0).all()
+    assert torch.equal(gpt.sample_next(logits, temperature=1e-45, generator=torch.Generator()), greedy)
+    prompts = [[BOS, 5, 6], [BOS, 7]]
+    assert generate(model, prompts, 12, temperature=1e-45) == generate(model, prompts, 12, temperature=0)
+
+
+def test_pad_is_never_sampled_and_a_response_scores_as_it_was_sampled(monkeypatch):
+    """generate() fills finished rows with PAD and drops it, so a sampled PAD was fed back into the cache yet
+    missing from the response. With a model biased towards PAD: no PAD is drawn, every sampled token is in the
+    response, and sequence_logprobs gives each response the log-prob accumulated while it was sampled, computed
+    here in float64 from the logits seen then, softmax over the ids but PAD (and the vocabulary's padding)."""
+    model = seeded_model()
+    bias = torch.zeros(model.cfg.vocab_size)
+    bias[PAD] = 8.0  # PAD would take most of the mass
+    model.lm_head.register_forward_hook(lambda module, inputs, output: output + bias)
+    drawn, real = [], gpt.sample_next
+
+    def recording(logits, *args, **kwargs):
+        nxt = real(logits, *args, **kwargs)
+        z = sampled_ids(logits.double())
+        drawn.append((nxt, torch.log_softmax(z, -1).gather(1, nxt[:, None])[:, 0]))
+        return nxt
+
+    monkeypatch.setattr(gpt, "sample_next", recording)
+    prompts = [[BOS, 5, 6], [BOS, 7], [BOS, 9, 9, 9]]
+    responses = generate(model, prompts, 10, generator=torch.Generator().manual_seed(0))
+    for b, (prompt, response) in enumerate(zip(prompts, responses)):
+        assert response == [int(nxt[b]) for nxt, _ in drawn[:len(response)]] and PAD not in response
+        assert len(response) == 10 or response[-1] == EOS
+        ids = torch.tensor([prompt + response])
+        _, total = sequence_logprobs(model, ids, (torch.arange(ids.shape[1]) >= len(prompt)).long()[None])
+        assert total.item() == pytest.approx(sum(lp[b].item() for _, lp in drawn[:len(response)]), abs=1e-4)
 
 
 def test_sampling_top_k_top_p_and_temperature():
@@ -1294,7 +1416,7 @@ def test_sequence_logprobs_equal_token_by_token_loop():
             for t in range(1, len(s)):
                 if target[b, off + t]:
                     logits = model(torch.tensor([s[:t]]))[0, -1] / temperature
-                    lp = torch.log_softmax(logits[:gpt.N_TOKENS], -1)[s[t]]
+                    lp = torch.log_softmax(sampled_ids(logits), -1)[s[t]]
                     assert abs(per_tok[b, off + t].item() - lp.item()) < 1e-5
                     want += lp.item()
             assert abs(total[b].item() - want) < 1e-4
@@ -1313,7 +1435,7 @@ def test_prefix_lm_sequence_logprobs_equal_token_by_token_loop():
     for b, s in enumerate(seqs):
         off, want = ids.shape[1] - len(s), 0.0
         for t in range(s.index(SEP) + 1, len(s)):  # the prompt is complete in s[:t]: same mask
-            lp = torch.log_softmax(model(torch.tensor([s[:t]]))[0, -1, :gpt.N_TOKENS], -1)[s[t]].item()
+            lp = torch.log_softmax(sampled_ids(model(torch.tensor([s[:t]]))[0, -1]), -1)[s[t]].item()
             assert per_tok[b, off + t].item() == pytest.approx(lp, abs=1e-5)
             want += lp
         assert total[b].item() == pytest.approx(want, abs=1e-4)
@@ -1416,7 +1538,7 @@ def test_sft_loss_is_masked_cross_entropy_on_response_and_eos():
         assert target[i].tolist() == [0] * p + [1] * (len(r) + 1) + [0] * (ids.shape[1] - p - len(r) - 1)
         assert ids[i, p + len(r)] == EOS
     labels = ids[:, 1:].masked_fill(target[:, 1:] == 0, -100)  # independent: CE with ignore_index
-    logits = model(ids)[:, :-1, :gpt.N_TOKENS]
+    logits = sampled_ids(model(ids)[:, :-1])
     want = torch.nn.functional.cross_entropy(logits.reshape(-1, gpt.N_TOKENS), labels.reshape(-1), ignore_index=-100)
     assert torch.allclose(sft.sft_loss(model, ids, target), want, atol=1e-5)
     # the prompt's tokens are context, not targets: the loss has no term for predicting them, so
@@ -2435,7 +2557,10 @@ def test_ppo_with_dropout_starts_on_policy(tmp_path, fine_tuned, reward_trained,
     dropout's noise would count as a policy change."""
     out = stage_dir(tmp_path, reward_trained[1] / "reward.pt")
     ckpt = train.load_checkpoint(str(fine_tuned[1] / "sft.pt"))
-    train.save_checkpoint(str(out / "sft.pt"), **{**ckpt, "config": {**ckpt["config"], "dropout": 0.1}})
+    ckpt = {**ckpt, "config": {**ckpt["config"], "dropout": 0.1}}
+    train.save_checkpoint(str(out / "sft.pt"), **ckpt)
+    rm = train.load_checkpoint(str(out / "reward.pt"))  # as if reward.py had run on this sft.pt
+    train.save_checkpoint(str(out / "reward.pt"), **{**rm, "built_from": {"sft": train.provenance(ckpt)}})
     first, real = [], ppo.ppo_loss
 
     def recording(*args):
@@ -2577,10 +2702,10 @@ def test_rpo_term_is_the_sft_loss_of_the_chosen_responses():
                    ((99, 1), [gpt.encode("100"), gpt.encode("90")], [1.0, 0.0])]
     with torch.no_grad():
         ref = dpo.response_logps(model, comparisons, "cpu")
-    n_chosen = torch.tensor([len(ys[0]) + 1 for _, ys, _ in comparisons])
+    lengths = torch.tensor([[len(y) + 1 for y in ys] for _, ys, _ in comparisons])
     cfg, plain = dpo.DPOConfig(rpo_alpha=0.7), dpo.DPOConfig()
-    loss, stats = dpo.preference_step(dpo.response_logps(model, comparisons, "cpu"), ref, cfg, n_chosen)
-    base, _ = dpo.preference_step(dpo.response_logps(model, comparisons, "cpu"), ref, plain, n_chosen)
+    loss, stats = dpo.preference_step(dpo.response_logps(model, comparisons, "cpu"), ref, cfg, lengths)
+    base, _ = dpo.preference_step(dpo.response_logps(model, comparisons, "cpu"), ref, plain, lengths)
     ids, target = sft.pack([p for p, _, _ in comparisons], [ys[0] for _, ys, _ in comparisons])
     nll = sft.sft_loss(model, ids, target)
     assert math.isclose(base.item(), math.log(2), rel_tol=1e-6)  # pi = pi_ref: the DPO part is ln 2
@@ -2589,6 +2714,23 @@ def test_rpo_term_is_the_sft_loss_of_the_chosen_responses():
     g_sft = torch.autograd.grad(0.7 * nll, list(model.parameters()), allow_unused=True)
     for a, b in zip(g_rpo, g_sft):
         assert (a is None and b is None) or torch.allclose(a, b, atol=1e-6)
+
+
+def test_ipo_per_token_regresses_the_margin_of_mean_log_ratios():
+    """--ipo_per_token (TRL's IPO): (mean_t log-ratio(y+) - mean_t log-ratio(y-) - 1/(2 beta))^2, written out per
+    pair in float64 against the summed form the default uses."""
+    g = torch.Generator().manual_seed(0)
+    logps, ref = -10 * torch.rand(4, 2, generator=g), -10 * torch.rand(4, 2, generator=g)
+    lengths = torch.tensor([[2, 5], [3, 3], [6, 1], [4, 2]])
+    beta = 0.3
+    for per_token in (False, True):
+        want = []
+        for (lc, lr), (rc, rr), (nc, nr) in zip(logps.double().tolist(), ref.double().tolist(), lengths.tolist()):
+            nc, nr = (nc, nr) if per_token else (1, 1)
+            want.append(((lc - rc) / nc - (lr - rr) / nr - 1 / (2 * beta)) ** 2)
+        cfg = dpo.DPOConfig(beta=beta, loss="ipo", ipo_per_token=per_token)
+        loss, _ = dpo.preference_step(logps, ref, cfg, lengths)
+        assert loss.item() == pytest.approx(statistics.mean(want), rel=1e-5)
 
 
 def test_dpo_config_rejects_a_negative_rpo_alpha():
@@ -2685,8 +2827,8 @@ def test_gpro_main_end_to_end(tmp_path, fine_tuned, reward_trained, flags):
     r = run_script(["gpro.py", "--out_dir", str(out), "--max_steps", "3", "--eval_interval", "3", "--batch_size", "2",
                     "--k", "3", "--heldout", "8", *CPU, *flags], cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    metrics = json.loads((out / "gpro_metrics.json").read_text())
-    assert last_json_line(r) == metrics
+    metrics = json.loads((out / f"{flags[1]}_metrics.json").read_text())  # GRPO's never overwrite GPRO's figures
+    assert last_json_line(r) == metrics and metrics["stage"] == flags[1] and len(list(out.glob("*_metrics.json"))) == 1
     assert metrics["algo"] == flags[1] and 0 <= metrics["after"]["sample_accuracy"] <= 1
     assert train.load_checkpoint(str(out / f"{flags[1]}.pt"))["finished"]
 
@@ -3216,6 +3358,10 @@ def test_diffusion_main_end_to_end(tmp_path, capsys):
 # 11. Off the happy path: every bad value and failure ends in one line that says what to do, exit status 2
 # (130 for Ctrl-C, 0 for --resume of a finished run), no traceback, and nothing trained is lost
 
+
+# 10. Off the happy path: every bad value and failure ends in one line that says what to do, exit status 2
+# (130 for Ctrl-C, 143 for SIGTERM, 0 for --resume of a finished run), no traceback, and nothing trained is lost
+
 def assert_one_error_line(code, err, status, words):
     assert code == status, err[-3000:]
     assert "Traceback" not in err, err[-3000:]
@@ -3235,7 +3381,7 @@ def main_in_process(module, argv, capsys):
 
 
 @pytest.mark.parametrize("module, flags, words", [
-    (gpt, ["--device", "cuda:7"], ["--device"]),  # no such device here (or on a one-GPU machine)
+    (gpt, ["--device", f"cuda:{torch.cuda.device_count()}"], ["--device"]),  # one past the last GPU, or none
     (gpt, ["--device", "tpu"], ["device=", "cuda:N"]),
     (gpt, ["--beta1", "1.5"], ["beta1", "[0, 1)"]), (gpt, ["--beta2", "-0.1"], ["beta2"]),
     (gpt, ["--warmup_steps", "-1"], ["warmup_steps"]), (gpt, ["--weight_decay", "-1"], ["weight_decay"]),
@@ -3250,6 +3396,13 @@ def main_in_process(module, argv, capsys):
     (sft, ["--heldout", "10000000"], ["heldout", "50626 pairs"]),
     (sft, ["--init", "/no/such.pt"], ["--init"]), (sft, ["--qlora"], ["--lora_rank"]),
     (reward, ["--tau", "0"], ["tau"]), (dpo, ["--beta", "0"], ["beta"]), (gpro, ["--k", "1"], ["k >= 2"]),
+    (gpt, ["--seed", "20000000000000"], ["seed", "2^32"]), (gpt, ["--seed", "99999999999999999999"], ["seed"]),
+    (gpt, ["--seed", "-1"], ["seed", "[0, 2^32"]), (dt_mod, ["--seed", "-1"], ["seed"]),
+    (dt_mod, ["--n_mc", "100000000000"], ["--n_mc", "10^8"]),
+    (sft, ["--seeds", "1,1"], ["--seeds", "twice"]), (sft, ["--seeds", "0,4294967296"], ["--seeds", "2^32"]),
+    (gpro, ["--beta", "1e-320"], ["beta", "1e-6"]),
+    (gpro, ["--algo", "grpo", "--grad_accum", "2"], ["GRPO", "--grad_accum"]),
+    (dpo, ["--ipo_per_token"], ["--ipo_per_token", "--loss ipo"]),
 ])
 def test_bad_values_are_caught_when_the_flags_are_parsed(tmp_path, capsys, module, flags, words):
     """Every value is validated when the flags are parsed, before any earlier stage trains: nothing is
@@ -3282,10 +3435,12 @@ def test_resume_of_a_finished_run_prints_its_metrics_and_rerunning_never_overwri
 
 
 @pytest.mark.parametrize("case", ["another architecture", "another learning rate", "missing fields", "another task",
-                                  "unfinished upstream"])
-def test_resume_and_upstream_checkpoints_are_checked(tmp_path, corpus, pretrained, fine_tuned, case):
-    """--resume continues only the run it saved; a stage never builds silently on a checkpoint made for another
-    task or on an unfinished one. The message names the field and the command that fixes it."""
+                                  "unfinished upstream", "a finished run of other sizes", "--init of an unfinished run",
+                                  "a reward model of another sft.pt"])
+def test_resume_and_upstream_checkpoints_are_checked(tmp_path, corpus, pretrained, fine_tuned, reward_trained, case):
+    """--resume continues only the run it saved (and prints the metrics only of the run asked for); a stage never
+    builds silently on a checkpoint made for another task, on another upstream model or on an unfinished one.
+    The message names the field and the command that fixes it, and that command works."""
     out = tmp_path / "out"
     out.mkdir()
     if case == "another architecture":  # an interrupted RMSNorm run resumed with --norm layernorm
@@ -3303,13 +3458,29 @@ def test_resume_and_upstream_checkpoints_are_checked(tmp_path, corpus, pretraine
     elif case == "another task":  # an sft.pt trained on 3 digits, a DPO run on 2
         shutil.copy(fine_tuned[1] / "sft.pt", out)
         args, words = ["dpo.py", "--digits", "2", *CPU], ["task.digits=3", "asks for 2", "python sft.py"]
-    else:  # an interrupted gpt.pt under SFT
+    elif case == "unfinished upstream":  # an interrupted gpt.pt under SFT
         unfinished_copy(pretrained[1] / "gpt.pt", out / "gpt.pt")
-        args, words = ["sft.py", *CPU], ["stopped at step 2 of 4", "python gpt.py --resume"]
+        args, words = ["sft.py", *CPU], ["stopped at step 2 of 4", "python gpt.py --resume", "--n_layer 2"]
+    elif case == "a finished run of other sizes":  # its metrics are not the ones of the default model asked for
+        shutil.copy(pretrained[1] / "gpt.pt", out)
+        args, words = ["gpt.py", "--data", corpus, "--resume", *CPU], ["cannot resume", "config.block_size=32"]
+    elif case == "--init of an unfinished run":
+        unfinished_copy(pretrained[1] / "gpt.pt", out / "gpt.pt")
+        args, words = ["sft.py", "--init", str(out / "gpt.pt"), *CPU], ["stopped at step 2 of 4", "gpt.py --resume"]
+    else:  # sft.py --overwrite since reward.py ran: PPO would score with a reward model of the old policy
+        shutil.copy(fine_tuned[1] / "sft.pt", out)
+        ckpt = train.load_checkpoint(str(reward_trained[1] / "reward.pt"))
+        old_sft = {**ckpt["built_from"]["sft"], "train_seconds": ckpt["built_from"]["sft"]["train_seconds"] + 1}
+        train.save_checkpoint(str(out / "reward.pt"), **{**ckpt, "built_from": {"sft": old_sft}})
+        args, words = ["ppo.py", *CPU], ["reward.pt was built from another sft.pt", "built_from.sft.train_seconds",
+                                         "python reward.py --overwrite"]
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     r = run_script([args[0], "--out_dir", str(out), *args[1:]], cwd=tmp_path)
-    assert_one_error_line(r.returncode, r.stderr, 2, words)
+    line = assert_one_error_line(r.returncode, r.stderr, 2, words)
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.suffix == ".pt"} == before
+    if "stopped at step" in line:  # the command it prints finishes the run, whatever flags it was started with
+        r = run_script(shlex.split(line.split("`")[1])[1:], cwd=tmp_path)
+        assert r.returncode == 0 and train.load_checkpoint(str(out / "gpt.pt"))["finished"], r.stderr[-3000:]
 
 
 def test_a_non_finite_loss_never_reaches_a_checkpoint(tmp_path, corpus):
@@ -3347,9 +3518,10 @@ def test_the_check_scripts_refuse_an_unusable_output_directory_at_start_up(tmp_p
     assert "theory" not in r.stdout and "e4m3" not in r.stdout  # before any work
 
 
-def test_two_runs_on_one_out_dir_and_ctrl_c(tmp_path, corpus):
+@pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_two_runs_on_one_out_dir_and_ctrl_c(tmp_path, corpus, signum, status):
     """The second run on an out_dir in use stops at once (a lock); Ctrl-C says where the first stopped and what
-    is kept, exits 130, and the kept checkpoint loads."""
+    is kept, exits 130, and the kept checkpoint loads; SIGTERM (kill) the same, with 143."""
     out = tmp_path / "out"
     first = subprocess.Popen([sys.executable, os.path.join(HERE, "gpt.py"), "--data", corpus, "--out_dir", str(out),
                               *TINY_FLAGS, "--max_steps", "100000", "--eval_interval", "5"], cwd=tmp_path,
@@ -3365,14 +3537,36 @@ def test_two_runs_on_one_out_dir_and_ctrl_c(tmp_path, corpus):
         assert first.poll() is None, first.communicate()[1]
         second = run_script(["gpt.py", "--data", corpus, "--out_dir", str(out), *TINY_FLAGS], cwd=tmp_path)
         assert_one_error_line(second.returncode, second.stderr, 2, ["another run", str(first.pid), "--out_dir"])
-        first.send_signal(2)  # SIGINT, what Ctrl-C sends
+        first.send_signal(signum)  # SIGINT is what Ctrl-C sends
         _, err = first.communicate(timeout=60)
     finally:
         first.kill()
-    line = assert_one_error_line(first.returncode, err, 130, ["stopped at step", "of 100000", "is kept", "--resume"])
+    line = assert_one_error_line(first.returncode, err, status, ["stopped at step", "of 100000", "is kept",
+                                                                 "--resume"])
     kept = int(line.split("from step ")[1].split()[0])
     assert train.load_checkpoint(str(out / "gpt.pt"))["step"] == kept > 0 and not (out / ".lock").exists()
     assert not list(out.glob("*.tmp"))
+
+
+def test_ctrl_c_during_the_kernel_check_is_one_line(tmp_path):
+    """`python kernels.py` runs through train.run_main as the stages do: Ctrl-C is one line and exit status 130."""
+    out = tmp_path / "out"
+    check = subprocess.Popen([sys.executable, os.path.join(HERE, "kernels.py"), "--out_dir", str(out)], cwd=tmp_path,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"},
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        for _ in range(600):  # until run_main has started it: the out_dir is claimed first
+            if (out / ".lock").exists() or check.poll() is not None:
+                break
+            subprocess.run(["sleep", "0.1"])
+        assert check.poll() is None, check.communicate()[1]
+        check.send_signal(signal.SIGINT)
+        _, err = check.communicate(timeout=60)
+    finally:
+        check.kill()
+    assert_one_error_line(check.returncode, err, 130, ["interrupted: nothing was trained"])
+    assert not (out / ".lock").exists()
 
 
 def test_running_out_of_memory_is_one_line_with_what_to_lower_and_what_is_kept(tmp_path, corpus, capsys,
@@ -3424,17 +3618,59 @@ def test_a_failed_write_leaves_no_temporary_file_and_the_old_checkpoint(tmp_path
     before = path.read_bytes()
 
     def disk_full(obj, f):
-        open(f, "wb").write(b"half a checkpoint")
-        raise OSError(28, "No space left on device")
+        f.write(b"half a checkpoint")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(OSError):
+    with pytest.raises(UserError, match="cannot write .*m.pt .No space left on device.: free some space"):
         train.save_checkpoint(str(path), model={"w": torch.zeros(2)})
     assert path.read_bytes() == before and not list(tmp_path.glob("*.tmp"))
     monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 ** 9, 10 ** 9 - 10 ** 6, 10 ** 6))
     with pytest.raises(UserError, match="MiB free"):
         train.claim_out_dir(str(tmp_path / "full"))
     train.remove_quietly(str(tmp_path / "full" / ".lock"))
+
+
+def test_a_full_disk_is_one_line_at_start_up_and_mid_run(tmp_path, corpus, capsys, monkeypatch):
+    """A full disk when the lock is written: one line, and no empty lock left to block the next run. When a
+    checkpoint is written: one line naming the checkpoint kept (torch.save's own error was a traceback)."""
+    monkeypatch.setattr(train.Trainer, "active", None)
+    real_write, real_save, saves = os.write, torch.save, []
+
+    def disk_full(*args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "write", disk_full)
+    code, err = main_in_process(gpt, ["--data", corpus, "--out_dir", str(tmp_path / "a"), *TINY_FLAGS], capsys)
+    assert_one_error_line(code, err, 2, ["--out_dir", "No space left on device", "free some space"])
+    assert list((tmp_path / "a").iterdir()) == []
+    monkeypatch.setattr(os, "write", real_write)
+
+    def save(obj, f):  # the checkpoint of step 2 is written, the one of step 4 finds the disk full
+        saves.append(1)
+        return disk_full() if len(saves) == 2 else real_save(obj, f)
+
+    monkeypatch.setattr(torch, "save", save)
+    code, err = main_in_process(gpt, ["--data", corpus, "--out_dir", str(tmp_path / "b"), *TINY_FLAGS], capsys)
+    assert_one_error_line(code, err, 2, ["cannot write", "No space left", "gpt.pt from step 2 is kept", "--resume"])
+    assert train.load_checkpoint(str(tmp_path / "b" / "gpt.pt"))["step"] == 2
+    assert not list((tmp_path / "b").glob("*.tmp"))
+    monkeypatch.setattr(train.Trainer, "active", None)
+
+
+@pytest.mark.parametrize("content", ["", "garbage\n"])
+def test_a_lock_without_a_process_id_says_what_to_do(tmp_path, capsys, content):
+    """A lock file is created and its process id written at once: one without (a run that failed there, or
+    anything else) blocked every run with the 'another run' line, or was a ValueError."""
+    (tmp_path / ".lock").write_text(content)
+
+    class Claims:
+        @staticmethod
+        def main(argv):
+            train.claim_out_dir(str(tmp_path))
+
+    code, err = main_in_process(Claims, [], capsys)
+    assert_one_error_line(code, err, 2, [".lock holds no process id", "if no run is using", "delete"])
 
 
 def test_an_error_under_torchrun_is_one_line_from_rank_0(tmp_path, corpus):

@@ -20,7 +20,9 @@ import json
 import math
 import os
 import random
+import shlex
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -89,10 +91,20 @@ def rank():
     return int(os.environ.get("RANK", 0))
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, a batch system's time limit, torchrun stopping its workers): stopped as Ctrl-C is."""
+
+
+def terminate(signum, frame):
+    raise Terminated
+
+
 def run_main(main):
     """Run a script's main: a UserError becomes one line 'error: ...' and exit status 2, Ctrl-C one line
-    saying what is kept and exit status 130 (under torchrun only rank 0 prints those), running out of memory
-    one line with what to lower and what is kept, and exit status 1."""
+    saying what is kept and exit status 130 (SIGTERM the same line and 143, the status of a process it ends;
+    under torchrun only rank 0 prints those), running out of memory one line with what to lower and what is
+    kept, and exit status 1."""
+    previous = signal.signal(signal.SIGTERM, terminate)
     try:
         main()
     except UserError as e:
@@ -102,11 +114,11 @@ def run_main(main):
     except Finished as done:
         if rank() == 0:
             print(done)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if rank() == 0:
             print(f"\ninterrupted: {Trainer.active.interrupted() if Trainer.active else 'nothing was trained'}",
                   file=sys.stderr)
-        sys.exit(130)
+        sys.exit(143 if isinstance(e, Terminated) else 130)
     except (MemoryError, RuntimeError) as e:  # a GPU's is a torch.OutOfMemoryError, the CPU allocator's a RuntimeError
         if not isinstance(e, (MemoryError, torch.OutOfMemoryError)) and "can't allocate memory" not in str(e):
             raise
@@ -114,6 +126,8 @@ def run_main(main):
         print(f"error: out of {where} memory: lower --batch_size (or the model's size); "
               f"{Trainer.active.checkpoint_note() if Trainer.active else 'nothing was trained'}", file=sys.stderr)
         sys.exit(1)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -233,6 +247,15 @@ def autocast(device, dtype="auto"):
 # ----------------------------------------------------------------------------------------------
 # 4. Per-step random streams
 
+SEED_LIMIT = 2 ** 32
+
+
+def check_seed(seed, name="seed"):
+    """A seed in [0, 2^32): step_seed below, (seed + 7919 rank) * 1_000_003 + step, then stays far below the
+    2^64 that torch.Generator.manual_seed accepts, for any rank and step a run reaches."""
+    check(0 <= seed < SEED_LIMIT, f"{name} must be in [0, 2^32 = {SEED_LIMIT}), got {seed}")
+
+
 def step_seed(seed, step):
     """The seed of the random stream of (seed, this process's rank, step). Every batch, rollout and sample
     draws from its own stream: runs are reproducible, resume exactly, and DDP processes see different data."""
@@ -247,12 +270,30 @@ def step_generator(seed, step, device="cpu"):
     return torch.Generator(device=device).manual_seed(step_seed(seed, step))
 
 
+def rng_state(device):
+    """The random state a checkpoint keeps for an exact resume: the CPU's, and the GPU's on CUDA (dropout)."""
+    return {"cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if torch.device(device).type == "cuda" else None}
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state["cpu"])
+    if torch.device(device).type == "cuda" and state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
 # ----------------------------------------------------------------------------------------------
 # 5. Checkpoints: atomic, provenance, the out_dir lock, resume, an earlier stage's model
 
 def save_checkpoint(path, **state):
-    """torch.save, atomically."""
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    """torch.save, atomically: a full disk is one line (UserError) and leaves the old checkpoint."""
+    def write(tmp):
+        with open(tmp, "wb") as f:  # through a file object a full disk is an OSError, not a zip writer's error
+            torch.save(state, f)
+    try:
+        atomic_write(path, write)
+    except OSError as e:
+        raise UserError(f"cannot write {path} ({e.strerror}): free some space or give another --out_dir") from None
 
 
 def load_checkpoint(path):
@@ -290,18 +331,29 @@ def claim_out_dir(out_dir):
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             break
         except FileExistsError:
-            pid = int(open(lock).read().strip() or 0)
-            check(pid, busy)
+            text = open(lock).read().strip()
+            if not text:  # a run writes its id just after creating the lock: read again a moment later
+                time.sleep(0.5)
+                text = open(lock).read().strip()
+            # anything but a process id is then left from a run that failed as it started
+            check(text.isdigit() and int(text) > 0, f"{lock} holds no process id ({text[:20]!r}), left by a run "
+                  f"that failed at start-up: if no run is using --out_dir {out_dir}, delete {lock}")
             with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, 0)  # raises if there is no such process: the lock is stale
-                raise UserError(busy.replace("another run", f"another run (process {pid})"))
+                os.kill(int(text), 0)  # raises if there is no such process: the lock is stale
+                raise UserError(busy.replace("another run", f"another run (process {text})"))
             remove_quietly(lock)
         except OSError as e:
             raise UserError(f"--out_dir {out_dir} is not writable ({e.strerror}): give another --out_dir") from None
     else:
         raise UserError(busy)
-    os.write(fd, str(os.getpid()).encode())
-    os.close(fd)
+    try:
+        os.write(fd, str(os.getpid()).encode())
+    except OSError as e:  # a full disk: no empty lock may stay behind to block the next run
+        remove_quietly(lock)
+        raise UserError(f"cannot write to --out_dir {out_dir} ({e.strerror}): free some space or give another "
+                        "--out_dir") from None
+    finally:
+        os.close(fd)
     atexit.register(remove_quietly, lock)
     free = shutil.disk_usage(out_dir).free
     check(free >= 64 * 2**20, f"--out_dir {out_dir} has {free / 2**20:.0f} MiB free, too little for checkpoints: "
@@ -323,17 +375,30 @@ def first_difference(want, have, prefix=""):
     return None
 
 
+def json_difference(want, have):
+    """first_difference of the two as JSON: NaN metrics compare equal, tuples equal lists."""
+    as_json = lambda x: json.loads(json.dumps(finite_or_none(x), default=str))  # noqa: E731
+    return first_difference(as_json(want), as_json(have))
+
+
 # what a resumed run may change: where it runs and how often it validates, not what it computes
 RESUME_MAY_CHANGE = ("device", "compile", "out_dir", "resume", "overwrite", "eval_interval", "eval_batches")
+
+
+_noted = set()
 
 
 def claim_checkpoint(path, cfg, meta=None):
     """Before a stage trains into `path`: out_dir checked and locked; an existing checkpoint is never lost
     silently (--resume continues it, or prints its metrics when it finished; --overwrite replaces it); a
-    resumed one must have been built with the same `meta` (the model's config and the stage's settings) and
-    trained with the same TrainConfig but for RESUME_MAY_CHANGE, so that it continues exactly."""
+    resumed one must have been built with the same `meta` (the model's config and the stage's settings; a
+    finished one too, so that its metrics are the ones asked for) and trained with the same TrainConfig but
+    for RESUME_MAY_CHANGE, so that it continues exactly."""
     claim_out_dir(os.path.dirname(path) or ".")
     if not os.path.exists(path) or cfg.overwrite:
+        if cfg.resume and path not in _noted and rank() == 0:
+            print(f"--resume: {path} does not exist, so this run trains from scratch")
+        _noted.add(path)
         return
     ckpt = load_checkpoint(path)
     stopped = f"stopped at step {ckpt.get('step')} of {ckpt.get('max_steps')}"
@@ -341,38 +406,67 @@ def claim_checkpoint(path, cfg, meta=None):
         raise UserError(f"{path} holds a run {'that finished' if ckpt.get('finished') else stopped}: --resume "
                         f"{'prints its metrics' if ckpt.get('finished') else 'continues it'}, --overwrite trains "
                         "from scratch over it")
+    want = dict(meta or {})
+    if not ckpt.get("finished"):
+        want["train_config"] = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUME_MAY_CHANGE}
+    diff = json_difference(want, {k: ckpt.get(k, "missing") for k in want})
+    upstream = diff and diff[0].startswith("built_from.") and diff[0].split(".")[1]
+    check(not upstream, upstream and f"cannot resume {path}: it was built from another {upstream}.pt than the one in "
+          f"out_dir now ({diff[0]}={diff[2]!r}, now {diff[1]!r}): start again with --overwrite")
+    check(not diff, diff and f"cannot resume {path}: it was built with {diff[0].replace('train_config.', '--')}="
+          f"{diff[2]!r}, this run asks for {diff[1]!r}; resume with the same settings, or start again with --overwrite")
     if ckpt.get("finished"):
         raise Finished(f"{path} finished at step {ckpt.get('step')}; its metrics: "
                        f"{json.dumps(finite_or_none(ckpt.get('metrics', {})))}")
-    want = {k: v for k, v in (meta or {}).items() if k != "built_from"}
-    want["train_config"] = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUME_MAY_CHANGE}
-    diff = first_difference(want, ckpt)
-    check(not diff, diff and f"cannot resume {path}: it was built with {diff[0].replace('train_config.', '--')}="
-          f"{diff[2]!r}, this run asks for {diff[1]!r}; resume with the same settings, or start again with --overwrite")
 
 
 def provenance(ckpt):
     """What a checkpoint records of itself, for the checkpoints built from it: its identity (the stage, the
     model's config, the stage's settings), its training config and what it was built from."""
     return {k: v for k, v in ckpt.items() if k not in ("model", "critic", "optimizer", "scaler", "rng", "state",
-                                                         "curve")}
+                                                         "loss_history", "curve")}
 
 
-def load_stage(path, stage, train_missing, build, device="cpu", requires=None):
+def resume_command(script, ckpt, path, defaults=()):
+    """The command that finishes the interrupted run in `path`: script.py with --resume and every setting the run
+    recorded that differs from `defaults`, the script's configs (each found in the checkpoint by its fields)."""
+    flags = []
+    for config in defaults:
+        names = {f.name for f in dataclasses.fields(config)}
+        recorded = next((v for v in ckpt.values() if isinstance(v, dict) and v and set(v) <= names), {})
+        for name, value in recorded.items():
+            if value != getattr(config, name) and name not in RESUME_MAY_CHANGE:
+                flags.append(f"--{'' if value else 'no-'}{name}" if isinstance(value, bool) else
+                             f"--{name} {shlex.quote(str(value))}")
+    return " ".join([f"python {script}.py --resume --out_dir {os.path.dirname(path) or '.'}", *flags])
+
+
+def check_finished(ckpt, path, script, defaults=()):
+    """A checkpoint another run builds on must be a finished run's (script, defaults: for the command that
+    finishes it)."""
+    check("finished" in ckpt, f"{path} records nothing of how it was built (an earlier version of this project "
+          "wrote it): delete it and run again")
+    check(ckpt["finished"], f"{path} stopped at step {ckpt.get('step')} of {ckpt.get('max_steps')}: finish it "
+          f"with `{resume_command(script, ckpt, path, defaults)}`, or delete it")
+
+
+def load_stage(path, stage, train_missing, build, device="cpu", requires=None, defaults=()):
     """The model of an earlier stage's checkpoint, checked before use: the run must have finished, and match
-    `requires` (e.g. {"task": {"digits": 3}}). When it is missing, train_missing() trains it first, so any
-    script works on a fresh clone. build(ckpt, path) -> the model (gpt.model_from_checkpoint for a GPT).
-    Returns (model, ckpt)."""
+    `requires` (e.g. {"task": {"digits": 3}}, or the provenance of the checkpoint it must have been built from).
+    When it is missing, train_missing() trains it first, so any script works on a fresh clone. build(ckpt, path)
+    -> the model (gpt.model_from_checkpoint for a GPT); defaults: the configs of that stage's script, for the
+    command that finishes an interrupted run. Returns (model, ckpt)."""
     if not os.path.exists(path):
         print(f"{path} not found: training that stage first")
         train_missing()
     ckpt = load_checkpoint(path)
     where = f"--out_dir {os.path.dirname(path) or '.'}"
-    check("finished" in ckpt, f"{path} records nothing of how it was built (an earlier version of this project "
-          "wrote it): delete it and run again")
-    check(ckpt["finished"], f"{path} stopped at step {ckpt.get('step')} of {ckpt.get('max_steps')}: finish it "
-          f"with `python {stage}.py --resume {where}`, or delete it")
-    diff = first_difference(requires or {}, ckpt)
+    check_finished(ckpt, path, stage, defaults)
+    diff = json_difference(requires or {}, ckpt)
+    upstream = diff and diff[0].startswith("built_from.") and diff[0].split(".")[1]
+    check(not upstream, upstream and f"{path} was built from another {upstream}.pt than the one in "
+          f"{os.path.dirname(path) or '.'} now ({diff[0]} differs): run `python {stage}.py --overwrite {where}` "
+          "to build it again on that one, or delete it")
     check(not diff, diff and f"{path} was built with {diff[0]}={diff[2]!r}, this run asks for {diff[1]!r}: delete "
           f"it (or give another --out_dir) and run again, or run `python {stage}.py {where}` with that setting")
     return build(ckpt, path).to(device), ckpt
@@ -423,6 +517,7 @@ class TrainConfig:
         check_choice(self, "dtype", ("auto", *DTYPES))
         check_choice(self, "compile", ("auto", "on", "off"))
         check_device(self.device)
+        check_seed(self.seed)
         check(not (self.resume and self.overwrite), "--resume continues the checkpoint, --overwrite replaces it: "
               "choose one")
 
@@ -467,24 +562,27 @@ class Processes:
         self.master = self.rank == 0
 
 
-# dense bf16 TFLOP/s by device name, the first key found in the name wins ("NVIDIA H100 80GB HBM3" is the SXM)
-PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 989.0,
-                    "GH200": 989.0, "B200": 2250.0, "A100": 312.0, "A10G": 125.0, "A10": 125.0, "L40S": 362.0,
-                    "L4": 121.0, "RTX 4090": 165.0, "RTX 3090": 71.0, "V100": 125.0, "T4": 65.0}
+# dense bf16 TFLOP/s by device name; the longest key found in the name wins ("NVIDIA H100 80GB HBM3" is the SXM,
+# "NVIDIA H200 NVL" the NVL, "NVIDIA L40" not an L4)
+PEAK_BF16_TFLOPS = {"H200 NVL": 835.0, "H200": 989.0, "GH200": 989.0, "H100 NVL": 835.0, "H100 PCIe": 756.0,
+                    "H100": 989.0, "B200": 2250.0, "A100": 312.0, "A10G": 125.0, "A10": 125.0, "L40S": 362.0,
+                    "L40": 181.0, "L4": 121.0, "RTX 4090": 165.0, "RTX 3090": 71.0, "V100": 125.0, "T4": 65.0}
 
 
 def device_peak_flops(device):
-    """Dense bf16 (fp16 on pre-Ampere) peak of this GPU from its name; if unknown, a measured matmul."""
+    """Dense bf16 (fp16 on pre-Ampere) peak of this GPU from its name; if unknown, a measured matmul, timed
+    after a warm-up (the first calls pay for cuBLAS's setup and the clocks ramping up)."""
     name = torch.cuda.get_device_name(device)
-    for key, tflops in PEAK_BF16_TFLOPS.items():
-        if key in name:
-            return tflops * 1e12, name
+    known = [key for key in PEAK_BF16_TFLOPS if key in name]
+    if known:
+        return PEAK_BF16_TFLOPS[max(known, key=len)] * 1e12, name
     a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    torch.cuda.synchronize(device)
-    t = time.perf_counter()
-    for _ in range(10):
-        a @ a
-    torch.cuda.synchronize(device)
+    for _ in range(2):  # the first pass warms up, the second is timed
+        torch.cuda.synchronize(device)
+        t = time.perf_counter()
+        for _ in range(10):
+            a @ a
+        torch.cuda.synchronize(device)
     return 10 * 2 * 8192 ** 3 / (time.perf_counter() - t), name + " (measured matmul peak)"
 
 
@@ -517,6 +615,7 @@ class Trainer:
         self.ckpt_path, self.meta, self.saved = ckpt_path, meta or {}, saved or {"model": model}
         self.step, self.saved_step, self.train_seconds, self.state, self.metrics = 0, None, 0.0, {}, {}
         self.curve = []  # every validation's figures with its step and training seconds, for the learning curves
+        self.history = []  # the loss of every step, from step 0 also after a resume
         if ckpt_path:
             claim_checkpoint(ckpt_path, cfg, self.meta)
             if cfg.resume and os.path.exists(ckpt_path):
@@ -531,7 +630,7 @@ class Trainer:
         if cfg.compile == "on" or (cfg.compile == "auto" and self.device.startswith("cuda")):
             self.net = torch.compile(self.net)
         self.peak = device_peak_flops(self.device) if self.device.startswith("cuda") and flops_per_unit else None
-        self.history, self.warm, self.units, self.unit_seconds = [], 0, 0, 0.0
+        self.warm, self.units, self.unit_seconds = 0, 0, 0.0
         self.t0 = time.perf_counter()
         self.bar = Progress(cfg.max_steps, desc, initial=self.step, enabled=self.procs.master)
         self.train_mode = train_mode
@@ -545,9 +644,10 @@ class Trainer:
                 module.load_state_dict(ckpt[name])
             self.optimizer.load_state_dict(ckpt["optimizer"])
             self.scaler.load_state_dict(ckpt["scaler"])
-            torch.set_rng_state(ckpt["rng"])
+            set_rng_state(ckpt["rng"], self.device)
             self.step, self.train_seconds, self.state = ckpt["step"], ckpt["train_seconds"], ckpt["state"]
-        except (KeyError, ValueError, RuntimeError) as e:
+            self.history = list(ckpt["loss_history"])
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
             raise UserError(f"cannot resume from {self.ckpt_path}: it lacks or mismatches what resuming needs "
                             f"({str(e).splitlines()[0][:120]}); start again with --overwrite") from None
         self.saved_step, self.metrics, self.curve = self.step, ckpt.get("metrics", {}), ckpt.get("curve", [])
@@ -635,12 +735,15 @@ class Trainer:
 
     def checkpoint(self):
         if self.ckpt_path and self.procs.master:
-            save_checkpoint(self.ckpt_path, **{k: m.state_dict() for k, m in self.saved.items()}, **self.meta,
-                            optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(), step=self.step,
-                            max_steps=self.cfg.max_steps, rng=torch.get_rng_state(), state=self.state,
-                            metrics=self.metrics, curve=self.curve, train_seconds=self.train_seconds,
-                            finished=self.done,
-                            train_config=dataclasses.asdict(self.cfg))
+            try:  # the losses so far too: the final train_loss must not depend on where a run was resumed
+                save_checkpoint(self.ckpt_path, **{k: m.state_dict() for k, m in self.saved.items()}, **self.meta,
+                                optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(),
+                                step=self.step, max_steps=self.cfg.max_steps, rng=rng_state(self.device),
+                                state=self.state, loss_history=self.history, metrics=self.metrics, curve=self.curve,
+                                train_seconds=self.train_seconds, finished=self.done,
+                                train_config=dataclasses.asdict(self.cfg))
+            except UserError as e:
+                raise UserError(f"{e}; {self.checkpoint_note()}") from None
             self.saved_step = self.step
 
     def checkpoint_note(self):
