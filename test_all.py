@@ -1343,6 +1343,86 @@ def test_ddp_two_processes_on_cpu(tmp_path, corpus):
     assert r.stdout.count('"stage": "gpt"') == 1  # only rank 0 reports
 
 
+# ---------------------------------------------------------------------------------------------
+# the export to the Hugging Face Llama format, loaded by transformers
+
+# Run outside this repository: its kernels.py would shadow the `kernels` package that transformers imports.
+HF_LOAD = """
+import sys, torch
+from transformers import AutoTokenizer, LlamaForCausalLM
+job, out = torch.load(sys.argv[1]), {}
+for d in job["dirs"]:
+    model = LlamaForCausalLM.from_pretrained(d, dtype=torch.float32, attn_implementation="eager").eval()
+    tok = AutoTokenizer.from_pretrained(d)
+    with torch.no_grad():
+        logits = model(job["ids"][:, :model.config.max_position_embeddings]).logits
+    out[d] = {"logits": logits, "ids": [tok(t)["input_ids"] for t in job["texts"]],
+              "bytes": [tok(t, split_special_tokens=True)["input_ids"] for t in job["texts"]],
+              "decoded": [tok.decode(tok(t)["input_ids"]) for t in job["texts"]], "config": model.config.to_dict()}
+torch.save(out, sys.argv[2])
+"""
+
+
+def load_with_transformers(dirs, ids, texts, tmp_path):
+    """What transformers (CPU, fp32) makes of exported directories: per directory the logits of LlamaForCausalLM
+    on ids (cut to its context), the tokenizer's ids of each text (special tokens' names as their ids, and split
+    into bytes), its decoding, the model's config."""
+    torch.save({"dirs": [str(d) for d in dirs], "ids": ids, "texts": texts}, tmp_path / "job.pt")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run([sys.executable, "-c", HF_LOAD, "job.pt", "hf.pt"], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=600, env={**env, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    return {d: v for d, v in torch.load(tmp_path / "hf.pt").items()}
+
+
+def random_text(rng, n=60):
+    """Random characters from ASCII to emoji (1 to 4 UTF-8 bytes), every special token's name, and near misses."""
+    pieces = [chr(rng.choice([rng.randint(32, 126), rng.randint(0xA0, 0x7FF), rng.randint(0x4E00, 0x9FFF),
+                              rng.randint(0x1F300, 0x1FAFF), rng.choice([9, 10, 13, 0])])) for _ in range(n)]
+    pieces += [*gpt.SPECIAL_NAMES.values(), "<0x41>", "<bos", "sep>", "<<eos>>"]
+    rng.shuffle(pieces)
+    return "".join(pieces)
+
+
+def test_export_hf_loads_in_transformers_with_the_same_logits_and_token_ids(tmp_path, pretrained):
+    """The export (notes 8.2: the default model is Llama's) is LlamaForCausalLM: the same logits over the real token
+    ids, for a random GQA model with tied embeddings and rope_theta 500, an MQA one with untied embeddings (norm
+    weights random, so that swapping two norms shows) and a model trained by `python gpt.py`; its tokenizer gives
+    encode()'s ids, with the special tokens' names in text as their ids."""
+    models = [seeded_model(0, rope_theta=500.0), seeded_model(1, n_kv_head=1, tie_embeddings=False),
+              gpt.load_model(str(pretrained[1] / "gpt.pt"))[0].eval()]
+    for m in models[:2]:
+        for name, p in m.named_parameters():
+            if "norm" in name:
+                p.data = 1 + 0.5 * torch.randn_like(p)
+    dirs = [tmp_path / f"hf{i}" for i in range(3)]
+    for m, d in zip(models, dirs):
+        gpt.export_hf(m, str(d))
+    torch.manual_seed(0)
+    ids = torch.randint(0, gpt.N_TOKENS, (3, 64))
+    rng = random.Random(0)
+    texts = [random_text(rng) for _ in range(8)] + ["123+456", ""]
+    hf = load_with_transformers(dirs, ids, texts, tmp_path)
+    for m, d in zip(models, dirs):
+        got, T = hf[str(d)], m.cfg.block_size
+        with torch.no_grad():
+            want = m(ids[:, :T])[..., :gpt.N_TOKENS]
+        assert got["logits"].shape == want.shape and torch.allclose(got["logits"], want, atol=1e-4, rtol=0)
+        assert got["config"]["tie_word_embeddings"] == m.cfg.tie_embeddings
+    special = {name: i for i, name in gpt.SPECIAL_NAMES.items()}
+    for i, text in enumerate(texts):  # the expected ids written out: names of special tokens as ids, the rest bytes
+        want, rest = [], text
+        while rest:
+            hit = min((rest.find(n), n) for n in special if n in rest) if any(n in rest for n in special) else None
+            cut = hit[0] if hit else len(rest)
+            want += list(rest[:cut].encode("utf-8")) + ([special[hit[1]]] if hit else [])
+            rest = rest[cut + len(hit[1]):] if hit else ""
+        got = hf[str(dirs[0])]
+        assert got["ids"][i] == want and got["bytes"][i] == encode(text) and got["decoded"][i] == text
+    assert any(n in texts[0] for n in special) and len(encode(texts[0])) > len(texts[0])  # specials, multi-byte
+
+
+
 # =============================================================================================
 # 4. sft.py
 
