@@ -701,7 +701,8 @@ class UseConfig:
         for flag in ("sample", "export_hf"):
             path = getattr(self, flag)
             train.check(not path or os.path.isfile(path), f"--{flag} {path}: no such file")
-        changed = [f.name for f in dataclasses.fields(self)[1:7] if getattr(self, f.name) != f.default]
+        changed = [f.name for f in dataclasses.fields(self) if f.name not in ("sample", "export_hf", "export_dir")
+                   and getattr(self, f.name) != f.default]  # the sampling settings
         train.check(self.sample or not changed, f"--{changed and changed[0]} is a setting of --sample CKPT")
         train.check(bool(self.export_hf) == bool(self.export_dir), "--export_hf CKPT and --export_dir DIR go together")
         train.check(not os.path.isfile(self.export_dir), f"--export_dir {self.export_dir} is a file: give a directory")
@@ -790,7 +791,7 @@ def use_model(use, configs, defaults):
     changed = [f.name for c, d in zip(configs, defaults) for f in dataclasses.fields(c)
                if f.name not in keep and getattr(c, f.name) != getattr(d, f.name)]
     what = "--sample" if use.sample else "--export_hf"
-    train.check(not changed, f"--{changed and changed[0]} does not apply to {what}, which takes the checkpoint's")
+    train.check(not changed, f"--{changed and changed[0]} does not apply to {what}: the checkpoint brings its settings")
     (sample_from if use.sample else export)(use, configs[2])
 
 
