@@ -1424,6 +1424,15 @@ def test_export_hf_loads_in_transformers_with_the_same_logits_and_token_ids(tmp_
 
 
 
+def test_export_hf_without_safetensors_is_one_clear_error_and_writes_nothing(tmp_path, monkeypatch):
+    """safetensors is an export dependency, not a runtime one: missing, it is one line saying what to install."""
+    monkeypatch.setitem(sys.modules, "safetensors", None)  # None in sys.modules: the import raises ImportError
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)
+    with pytest.raises(UserError, match="pip install safetensors"):
+        gpt.export_hf(seeded_model(), str(tmp_path / "hf"))
+    assert not (tmp_path / "hf").exists()
+
+
 # =============================================================================================
 # 4. sft.py
 
