@@ -1371,7 +1371,7 @@ def load_with_transformers(dirs, ids, texts, tmp_path):
     torch.save({"dirs": [str(d) for d in dirs], "ids": ids, "texts": texts}, tmp_path / "job.pt")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     r = subprocess.run([sys.executable, "-c", HF_LOAD, "job.pt", "hf.pt"], cwd=tmp_path, capture_output=True,
-                       text=True, timeout=600, env={**env, "OMP_NUM_THREADS": "1"})
+                       text=True, timeout=600, env={**env, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     return {d: v for d, v in torch.load(tmp_path / "hf.pt").items()}
 
