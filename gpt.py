@@ -11,12 +11,14 @@ Read top to bottom:
                                          and parallel blocks (4.7, 8.9), causal linear attention with its
                                          recurrent cache (4.10), mixture of experts (8.8), prefix-LM mask (8.4)
   6. a GPT from a checkpoint, FLOPs per token
-  7. pretraining on the Python standard library's source: `python gpt.py`
+  7. export to the Hugging Face Llama format (what transformers, vLLM, TRL load)
+  8. pretraining on the Python standard library's source: `python gpt.py`
 
 The run itself (flags, checkpoints, the training loop, DDP) is train.py's; the attention kernels are kernels.py's.
 Run `python gpt.py --help` for the flags; `torchrun --nproc_per_node=N gpt.py` trains with DDP.
 """
 import dataclasses
+import json
 import math
 import os
 import sysconfig
@@ -705,7 +707,67 @@ def flops_per_token(model, T):
 
 
 # ----------------------------------------------------------------------------------------------
-# 7. Pretraining on a built-in corpus: the Python standard library's own source files
+# 7. Export to the Hugging Face Llama format: the default model is Llama's architecture (Touvron et al. 2023)
+
+# Each switch Llama has no place for: its name -> (Llama's value, what another value would need)
+LLAMA_HAS = {"n_expert": (0, "mixture of experts"), "attention": ("softmax", "linear attention"),
+             "parallel_block": (False, "parallel blocks"), "norm_placement": ("pre", "post-norm blocks"),
+             "pos_emb": ("rope", "learned positions"), "prefix_lm": (False, "a prefix-LM mask"),
+             "logit_scale": (False, "scaled logits"), "norm": ("rmsnorm", "LayerNorm"), "bias": (False, "biases"),
+             "ffn": ("swiglu", "an FFN without a gate")}
+# Our parameter names -> Llama's. apply_rope rotates the pairs (x_i, x_{i+d/2}), as Llama's rotate_half does,
+# so q_proj and k_proj need no permutation (the export test compares the logits).
+HF_NAMES = (("wte.", "model.embed_tokens."), ("blocks.", "model.layers."), ("norm1", "input_layernorm"),
+            ("norm2", "post_attention_layernorm"), ("attn.", "self_attn."), ("ffn.gate", "mlp.gate_proj"),
+            ("ffn.up", "mlp.up_proj"), ("ffn.down", "mlp.down_proj"), ("norm_f", "model.norm"))
+
+
+def export_hf(model, directory):
+    """Write a GPT as a Hugging Face LlamaForCausalLM checkpoint: config.json, model.safetensors (fp32) and the
+    byte tokenizer (tokenizer.json, tokenizer_config.json). The vocabulary is the N_TOKENS real ids, without the
+    padding rows, so it samples what generate() samples. A switch Llama has no place for is a UserError naming it."""
+    cfg = model.cfg
+    for name, (llama, what) in LLAMA_HAS.items():
+        check(getattr(cfg, name) == llama, f"{name}={getattr(cfg, name)!r} ({what}) has no equivalent in the Llama "
+              f"format: only models with {name}={llama!r} export")
+    try:
+        from safetensors.torch import save_file
+    except ImportError:
+        raise UserError("the export writes safetensors: pip install safetensors") from None
+    tensors = {}
+    for name, w in model.state_dict().items():
+        if name == "lm_head.weight" and cfg.tie_embeddings:
+            continue  # the embedding, which Llama's tie_word_embeddings shares
+        for ours, theirs in HF_NAMES:
+            name = name.replace(ours, theirs)
+        tensors[name] = (w[:N_TOKENS] if name.endswith(("embed_tokens.weight", "lm_head.weight")) else w).float()
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": N_TOKENS,
+              "hidden_size": cfg.n_embd, "intermediate_size": cfg.ffn_width, "num_hidden_layers": cfg.n_layer,
+              "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_kv_head, "head_dim": cfg.head_dim,
+              "hidden_act": "silu", "rms_norm_eps": model.norm_f.eps, "max_position_embeddings": cfg.block_size,
+              "rope_theta": cfg.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+              "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False, "mlp_bias": False,
+              "bos_token_id": BOS, "eos_token_id": EOS, "pad_token_id": PAD, "torch_dtype": "float32"}
+    # The tokenizer: no merges, every character falls back to its UTF-8 bytes <0x00>..<0xFF> = ids 0..255; the
+    # special tokens' names in text ("<bos>", ...) become their ids, as a chat template written as text needs.
+    specials = [{"id": i, "content": s, "special": True, "single_word": False, "lstrip": False, "rstrip": False,
+                 "normalized": False} for i, s in SPECIAL_NAMES.items()]
+    tokenizer = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": specials, "normalizer": None,
+                 "pre_tokenizer": None, "post_processor": None,
+                 "decoder": {"type": "Sequence", "decoders": [{"type": "ByteFallback"}, {"type": "Fuse"}]},
+                 "model": {"type": "BPE", "vocab": {f"<0x{b:02X}>": b for b in range(256)}, "merges": [],
+                           "byte_fallback": True, "dropout": None, "unk_token": None, "fuse_unk": False}}
+    tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.block_size,
+                        **{f"{s[1:-1]}_token": s for s in SPECIAL_NAMES.values()}}
+    os.makedirs(directory, exist_ok=True)
+    save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+    for name, content in (("config", config), ("tokenizer", tokenizer), ("tokenizer_config", tokenizer_config)):
+        with open(os.path.join(directory, f"{name}.json"), "w") as f:
+            json.dump(content, f, indent=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. Pretraining on a built-in corpus: the Python standard library's own source files
 
 @dataclass(frozen=True)
 class DataConfig:

@@ -16,11 +16,17 @@ update instead of all weights, `--qlora` adds a frozen base stored in 4-bit Norm
 `--adapter_dim 16` trains bottleneck adapters after each attention and FFN sublayer;
 with these the embedding rows of <sep> and <eos>, which pretraining never saw, train too
 (`--no-template_tokens` freezes them). `--prefix_lm` fine-tunes with a bidirectional prompt (notes 8.4).
+
+Using a trained model of any stage (section 4): `python sft.py --sample out/dpo.pt --prompt 123+456 --n 5` prints
+five answers with r* (no --prompt: a prompt per line of stdin); `python sft.py --export_hf out/sft.pt --export_dir
+hf` writes it in the Hugging Face Llama format (gpt.export_hf), for transformers, vLLM, TRL.
 """
 import dataclasses
 import math
 import os
 import random
+import sys
+import types
 from dataclasses import dataclass
 
 import torch
@@ -98,6 +104,13 @@ def heldout_prompts(task):
 
 def prompt_text(a, b):
     return f"{a}+{b}"
+
+
+def parse_prompt(text, task):
+    """The operands (a, b) when `text` is a prompt of this task ("123+456" for 3 digits), else None."""
+    a, plus, b = text.partition("+")
+    ok = plus and all(x.isascii() and x.isdigit() and len(x) == task.digits for x in (a, b))
+    return (int(a), int(b)) if ok and prompt_text(int(a), int(b)) == text else None
 
 
 def answer(a, b):
@@ -444,15 +457,16 @@ def apply_adapters(model, dim):
     return model
 
 
-def load_adapter_model(path, device="cpu"):
-    """The model `python sft.py --adapter_dim N` saves (out_dir/sft_adapter.pt): the GPT rebuilt with its
-    adapters, which cannot be merged into the weights. Returns (model, checkpoint dict)."""
-    ckpt = train.load_checkpoint(path)
-    dim = ckpt.get("sft", {}).get("adapter_dim", 0)
-    train.check(dim, f"{path} holds no adapters: load it with gpt.load_model")
-    model = apply_adapters(gpt.GPT(gpt.GPTConfig(**ckpt["config"])), dim)
-    model.load_state_dict(ckpt["model"])
-    return model.to(device), ckpt
+def wrap_peft(model, sft_cfg):
+    """Wrap `model` for the method of sft_cfg (an SFTConfig, or the settings a checkpoint records of one): LoRA or
+    QLoRA, or adapters, and the trainable rows of the template tokens. Returns the model."""
+    if sft_cfg.lora_rank:
+        apply_lora(model, sft_cfg.lora_rank, sft_cfg.lora_alpha, sft_cfg.lora_targets, sft_cfg.qlora)
+    elif sft_cfg.adapter_dim:
+        apply_adapters(model, sft_cfg.adapter_dim)
+    if sft_cfg.template_tokens and (sft_cfg.lora_rank or sft_cfg.adapter_dim):
+        train_template_tokens(model)
+    return model
 
 
 # ----------------------------------------------------------------------------------------------
@@ -528,12 +542,7 @@ def apply_peft(model, sft_cfg):
     mean |W - deq(W)| over those weights."""
     params = sum(p.numel() for p in model.parameters())
     n_linear = sum(m.weight.numel() for m in model.blocks.modules() if isinstance(m, nn.Linear))
-    if sft_cfg.lora_rank:
-        apply_lora(model, sft_cfg.lora_rank, sft_cfg.lora_alpha, sft_cfg.lora_targets, sft_cfg.qlora)
-    elif sft_cfg.adapter_dim:
-        apply_adapters(model, sft_cfg.adapter_dim)
-    if sft_cfg.template_tokens and (sft_cfg.lora_rank or sft_cfg.adapter_dim):
-        train_template_tokens(model)
+    wrap_peft(model, sft_cfg)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if train.rank() == 0:
         print(f"{sft_cfg.method()}: {trainable:,} trainable of {params:,} parameters ({trainable / params:.2%})")
@@ -587,7 +596,7 @@ def finetune(model, task, sft_cfg, train_cfg, built_from=None):
             train.save_checkpoint(path, **{**ckpt, "model": model.state_dict(), "optimizer": None})
             print(f"saved {path}: " + (
                 "adapters cannot be merged into the weights (the bottleneck is nonlinear), read it with "
-                "sft.load_adapter_model; sft.pt, where the later stages start, is unchanged" if sft_cfg.adapter_dim else
+                "sft.load_trained; sft.pt, where the later stages start, is unchanged" if sft_cfg.adapter_dim else
                 f"a plain GPT, the LoRA update merged into the {'dequantised NF4 ' if sft_cfg.qlora else ''}weights"))
     return model, result
 
@@ -678,9 +687,128 @@ def seed_sweep(task, sft_cfg, train_cfg):
                                     **spread}, train_cfg.out_dir)
 
 
+# ----------------------------------------------------------------------------------------------
+# 4. Using a trained model: sampling from it, exporting it to the Hugging Face Llama format
+
+@dataclass(frozen=True)
+class UseConfig:
+    """Using a trained model instead of training one: --sample from it, or --export_hf it."""
+    sample: str = arg("", "instead of training: sample from this checkpoint of any stage (gpt, sft, dpo, gpro, ppo)")
+    prompt: str = arg("", "the prompt for --sample, e.g. 123+456; empty = one prompt per line of stdin")
+    n: int = arg(5, "continuations per prompt (--sample)")
+    temperature: float = arg(1.0, "sampling temperature (--sample); 0 = greedy")
+    top_k: int = arg(0, "sample among the k most probable tokens only (--sample); 0 = off")
+    top_p: float = arg(1.0, "nucleus sampling: among the most probable tokens of mass p (--sample); 1 = off")
+    max_new_tokens: int = arg(0, "tokens to generate (--sample); 0 = an answer's length for a prompt of the "
+                                 "checkpoint's task, else what fits the context")
+    export_hf: str = arg("", "instead of training: write this checkpoint in the Hugging Face Llama format")
+    export_dir: str = arg("", "the directory --export_hf writes: config.json, model.safetensors, the tokenizer")
+
+    def __post_init__(self):
+        train.check(not (self.sample and self.export_hf), "choose one: --sample or --export_hf")
+        for flag in ("sample", "export_hf"):
+            path = getattr(self, flag)
+            train.check(not path or os.path.isfile(path), f"--{flag} {path}: no such file")
+        changed = [f.name for f in dataclasses.fields(self) if f.name not in ("sample", "export_hf", "export_dir")
+                   and getattr(self, f.name) != f.default]  # the sampling settings
+        train.check(self.sample or not changed, f"--{changed and changed[0]} is a setting of --sample CKPT")
+        train.check(bool(self.export_hf) == bool(self.export_dir), "--export_hf CKPT and --export_dir DIR go together")
+        train.check(not os.path.isfile(self.export_dir), f"--export_dir {self.export_dir} is a file: give a directory")
+        train.check(self.n >= 1, f"n must be >= 1, got {self.n}")
+        train.check(self.max_new_tokens >= 0, f"max_new_tokens must be >= 0 (0 = automatic), got {self.max_new_tokens}")
+        gpt.check_sampling(self.temperature, self.top_k, self.top_p)
+
+
+def load_trained(path, device="cpu"):
+    """The language model of any stage's checkpoint (gpt, sft, dpo, gpro, ppo): a GPT, or with its adapters
+    (sft_adapter.pt: they cannot be merged). An SFT run under LoRA or QLoRA stopped before its end holds the wrapped
+    modules: they are rebuilt and merged. Returns (model, checkpoint dict)."""
+    ckpt = train.load_checkpoint(path)
+    train.check(ckpt.get("stage") != "reward", f"{path} is a reward model: it scores responses and generates none; "
+                "give a checkpoint of gpt, sft, dpo, gpro or ppo")
+    if not any(".base." in k or ".sublayer." in k for k in ckpt["model"]):
+        return gpt.model_from_checkpoint(ckpt, path).to(device), ckpt
+    try:  # a finished adapter run has its token rows merged (wte.delta gone), its adapters not
+        peft = types.SimpleNamespace(**{**ckpt["sft"], "template_tokens": "wte.delta" in ckpt["model"]})
+        model = wrap_peft(gpt.GPT(gpt.GPTConfig(**ckpt["config"])), peft)
+        model.load_state_dict(ckpt["model"])
+    except (KeyError, TypeError, AttributeError, RuntimeError, train.UserError) as e:
+        raise train.UserError(f"checkpoint {path} does not match this version of sft.py: "
+                              f"{str(e).splitlines()[0]}; delete it and train again") from None
+    return merge_lora(model).to(device), ckpt  # LoRA, NF4 and the token rows merge exactly; adapters stay
+
+
+def print_samples(model, task, use, text, generator):
+    """use.n continuations of `text`, a line each (a string literal when it holds newlines or control bytes), for a
+    prompt of the task (None for a pretrained model) with the correct answer and r*."""
+    try:
+        ids = gpt.encode(text)
+    except UnicodeEncodeError:
+        raise train.UserError(f"the prompt {text!r} is not valid UTF-8 text") from None
+    operands = parse_prompt(text, task) if task else None
+    # a fine-tuned model reads the chat template <bos> prompt <sep> around any text, a pretrained one <bos> text
+    prompt = prompt_tokens(*operands) if operands else [BOS] + ids + ([SEP] if task else [])
+    room = model.cfg.block_size - len(prompt)
+    new = use.max_new_tokens or (task.max_response_tokens if operands else room)
+    context = f"the context block_size={model.cfg.block_size}"
+    train.check(room >= 1, f"the prompt is {len(prompt)} tokens, {context} leaves no room for an answer: shorten it")
+    train.check(new <= room, f"the prompt's {len(prompt)} tokens and max_new_tokens={new} exceed {context}: lower "
+                "--max_new_tokens or shorten the prompt")
+    for out in gpt.generate(model, [prompt] * use.n, new, use.temperature, use.top_k, use.top_p, generator=generator):
+        y = response_text(out)
+        shown = y if y.isprintable() else repr(y)  # one line each: newlines and control bytes escaped
+        score = f"    correct: {answer(*operands)}    r* = {true_reward(*operands, y):.3f}" if operands else ""
+        print(f"{text} -> {shown}{score}", flush=True)
+
+
+def sample_from(use, train_cfg):
+    """`python sft.py --sample CKPT`: sample --prompt, or each line of stdin, where a bad line is one error line
+    and the next line is read."""
+    device = train.pick_device(train_cfg.device)
+    model, ckpt = load_trained(use.sample, device)
+    task = TaskConfig(**ckpt["task"]) if "task" in ckpt else None  # fine-tuned: it knows the task's template
+    generator = torch.Generator(device=device).manual_seed(train_cfg.seed)
+    if use.prompt:
+        return print_samples(model, task, use, use.prompt, generator)
+    if sys.stdin.isatty():
+        print(f"{use.sample}: a prompt per line, Ctrl-D ends", file=sys.stderr)
+    for line in sys.stdin.buffer:  # bytes that are not UTF-8 reach encode() as unencodable text
+        text = line.decode("utf-8", errors="surrogateescape").rstrip("\r\n")
+        try:
+            if text:
+                print_samples(model, task, use, text, generator)
+        except train.UserError as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+
+
+def export(use, train_cfg):
+    """`python sft.py --export_hf CKPT --export_dir DIR`: the model, LoRA merged, for transformers, vLLM, TRL."""
+    train.check(not os.path.isdir(use.export_dir) or not os.listdir(use.export_dir) or train_cfg.overwrite,
+                f"--export_dir {use.export_dir} is not empty: give a new directory, or --overwrite to write into it")
+    model, _ = load_trained(use.export_hf)
+    train.check(not any(isinstance(m, Adapter) for m in model.modules()), f"{use.export_hf} holds adapters "
+                "(adapter_dim): the Llama format has no place for them and their nonlinear bottleneck cannot be "
+                "merged into the weights; export a full or LoRA fine-tuned checkpoint")
+    gpt.export_hf(model, use.export_dir)
+    print(f"wrote {use.export_dir}: {use.export_hf} as a Hugging Face LlamaForCausalLM with its byte tokenizer")
+
+
+def use_model(use, configs, defaults):
+    """--sample or --export_hf: the checkpoint brings its own settings, so no other flag may be given."""
+    keep = ("device", "seed") if use.sample else ("overwrite",)
+    changed = [f.name for c, d in zip(configs, defaults) for f in dataclasses.fields(c)
+               if f.name not in keep and getattr(c, f.name) != getattr(d, f.name)]
+    what = "--sample" if use.sample else "--export_hf"
+    train.check(not changed, f"--{changed and changed[0]} does not apply to {what}: the checkpoint brings its settings")
+    (sample_from if use.sample else export)(use, configs[2])
+
+
 def main(argv=None):
-    task, sft_cfg, train_cfg = train.parse_args(list(sft_defaults()), argv,
-                                              description="prompt-masked SFT, full or with LoRA, QLoRA or adapters")
+    defaults = [*sft_defaults(), UseConfig()]
+    task, sft_cfg, train_cfg, use = train.parse_args(defaults, argv, description="prompt-masked SFT, full or with "
+                                                     "LoRA, QLoRA or adapters; sampling from and exporting a model")
+    if use.sample or use.export_hf:
+        return use_model(use, [task, sft_cfg, train_cfg], defaults)
     (seed_sweep if sft_cfg.seeds else train_sft)(task, sft_cfg, train_cfg)
 
 

@@ -85,12 +85,13 @@ def seeded_model(seed=0, **kw):
     return GPT(tiny(**kw)).eval()
 
 
-def run_script(args, cwd, env=None, timeout=300, nproc=1):
-    """Run a script the way a user does (with torchrun for nproc > 1); returns the CompletedProcess."""
+def run_script(args, cwd, env=None, timeout=300, nproc=1, stdin=None):
+    """Run a script the way a user does (with torchrun for nproc > 1), stdin its input (surrogate escapes give
+    bytes that are not UTF-8); returns the CompletedProcess."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
     return subprocess.run([sys.executable, *launcher, os.path.join(HERE, args[0]), *args[1:]], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+                          input=stdin, capture_output=True, text=True, errors="surrogateescape", timeout=timeout)
 
 
 def last_json_line(r):
@@ -1504,6 +1505,95 @@ def test_ddp_two_processes_on_cpu(tmp_path, corpus):
     assert r.stdout.count('"stage": "gpt"') == 1  # only rank 0 reports
 
 
+# ---------------------------------------------------------------------------------------------
+# the export to the Hugging Face Llama format, loaded by transformers
+
+# Run outside this repository: its kernels.py would shadow the `kernels` package that transformers imports.
+HF_LOAD = """
+import sys, torch
+from transformers import AutoTokenizer, LlamaForCausalLM
+job, out = torch.load(sys.argv[1]), {}
+for d in job["dirs"]:
+    model = LlamaForCausalLM.from_pretrained(d, dtype=torch.float32, attn_implementation="eager").eval()
+    tok = AutoTokenizer.from_pretrained(d)
+    with torch.no_grad():
+        logits = model(job["ids"][:, :model.config.max_position_embeddings]).logits
+    out[d] = {"logits": logits, "ids": [tok(t)["input_ids"] for t in job["texts"]],
+              "bytes": [tok(t, split_special_tokens=True)["input_ids"] for t in job["texts"]],
+              "decoded": [tok.decode(tok(t)["input_ids"]) for t in job["texts"]], "config": model.config.to_dict()}
+torch.save(out, sys.argv[2])
+"""
+
+
+def load_with_transformers(dirs, ids, texts, tmp_path):
+    """What transformers (CPU, fp32) makes of exported directories: per directory the logits of LlamaForCausalLM
+    on ids (cut to its context), the tokenizer's ids of each text (special tokens' names as their ids, and split
+    into bytes), its decoding, the model's config."""
+    torch.save({"dirs": [str(d) for d in dirs], "ids": ids, "texts": texts}, tmp_path / "job.pt")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run([sys.executable, "-c", HF_LOAD, "job.pt", "hf.pt"], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=600, env={**env, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    return {d: v for d, v in torch.load(tmp_path / "hf.pt").items()}
+
+
+def random_text(rng, n=60):
+    """Random characters from ASCII to emoji (1 to 4 UTF-8 bytes), every special token's name, and near misses."""
+    pieces = [chr(rng.choice([rng.randint(32, 126), rng.randint(0xA0, 0x7FF), rng.randint(0x4E00, 0x9FFF),
+                              rng.randint(0x1F300, 0x1FAFF), rng.choice([9, 10, 13, 0])])) for _ in range(n)]
+    pieces += [*gpt.SPECIAL_NAMES.values(), "<0x41>", "<bos", "sep>", "<<eos>>"]
+    rng.shuffle(pieces)
+    return "".join(pieces)
+
+
+def test_export_hf_loads_in_transformers_with_the_same_logits_and_token_ids(tmp_path, pretrained):
+    """The export (notes 8.2: the default model is Llama's) is LlamaForCausalLM: the same logits over the real token
+    ids, for a random GQA model with tied embeddings and rope_theta 500, an MQA one with untied embeddings (norm
+    weights random, so that swapping two norms shows) and a model trained by `python gpt.py`; its tokenizer gives
+    encode()'s ids, with the special tokens' names in text as their ids."""
+    models = [seeded_model(0, rope_theta=500.0), seeded_model(1, n_kv_head=1, tie_embeddings=False),
+              gpt.load_model(str(pretrained[1] / "gpt.pt"))[0].eval()]
+    for m in models[:2]:
+        for name, p in m.named_parameters():
+            if "norm" in name:
+                p.data = 1 + 0.5 * torch.randn_like(p)
+    dirs = [tmp_path / f"hf{i}" for i in range(3)]
+    for m, d in zip(models, dirs):
+        gpt.export_hf(m, str(d))
+    torch.manual_seed(0)
+    ids = torch.randint(0, gpt.N_TOKENS, (3, 64))
+    rng = random.Random(0)
+    texts = [random_text(rng) for _ in range(8)] + ["123+456", ""]
+    hf = load_with_transformers(dirs, ids, texts, tmp_path)
+    for m, d in zip(models, dirs):
+        got, T = hf[str(d)], m.cfg.block_size
+        with torch.no_grad():
+            want = m(ids[:, :T])[..., :gpt.N_TOKENS]
+        assert got["logits"].shape == want.shape and torch.allclose(got["logits"], want, atol=1e-4, rtol=0)
+        assert got["config"]["tie_word_embeddings"] == m.cfg.tie_embeddings
+    special = {name: i for i, name in gpt.SPECIAL_NAMES.items()}
+    for i, text in enumerate(texts):  # the expected ids written out: names of special tokens as ids, the rest bytes
+        want, rest = [], text
+        while rest:
+            hit = min((rest.find(n), n) for n in special if n in rest) if any(n in rest for n in special) else None
+            cut = hit[0] if hit else len(rest)
+            want += list(rest[:cut].encode("utf-8")) + ([special[hit[1]]] if hit else [])
+            rest = rest[cut + len(hit[1]):] if hit else ""
+        got = hf[str(dirs[0])]
+        assert got["ids"][i] == want and got["bytes"][i] == encode(text) and got["decoded"][i] == text
+    assert any(n in texts[0] for n in special) and len(encode(texts[0])) > len(texts[0])  # specials, multi-byte
+
+
+
+def test_export_hf_without_safetensors_is_one_clear_error_and_writes_nothing(tmp_path, monkeypatch):
+    """safetensors is an export dependency, not a runtime one: missing, it is one line saying what to install."""
+    monkeypatch.setitem(sys.modules, "safetensors", None)  # None in sys.modules: the import raises ImportError
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)
+    with pytest.raises(UserError, match="pip install safetensors"):
+        gpt.export_hf(seeded_model(), str(tmp_path / "hf"))
+    assert not (tmp_path / "hf").exists()
+
+
 # =============================================================================================
 # 4. sft.py
 
@@ -1859,14 +1949,14 @@ def test_finetune_saves_qlora_merged_and_adapters_beside_sft_pt(tmp_path):
     model, m = sft.finetune(seeded_model(), task, sft.SFTConfig(adapter_dim=4, template_tokens=True), train_cfg)
     assert (tmp_path / "sft.pt").read_bytes() == before
     assert m["checkpoint"] == os.path.join(str(tmp_path), "sft_adapter.pt") and "nf4_relative_error" not in m
-    loaded, ckpt = sft.load_adapter_model(str(tmp_path / "sft_adapter.pt"))
+    loaded, ckpt = sft.load_trained(str(tmp_path / "sft_adapter.pt"))
     assert ckpt["sft"]["adapter_dim"] == 4 and ckpt["finished"] and torch.allclose(loaded(ids), model(ids), atol=1e-6)
     assert not torch.allclose(loaded(ids), seeded_model()(ids), atol=1e-4)  # the adapters did train
     assert not isinstance(loaded.wte, sft.TokenRows) and loaded.lm_head.weight is loaded.wte.weight  # rows merged
     with pytest.raises(UserError):
         gpt.load_model(str(tmp_path / "sft_adapter.pt"))
-    with pytest.raises(UserError, match="no adapters"):
-        sft.load_adapter_model(str(tmp_path / "sft.pt"))
+    plain, _ = sft.load_trained(str(tmp_path / "sft.pt"))  # the QLoRA run's: a plain GPT
+    assert not any(isinstance(m, (sft.Adapter, sft.LoRALinear, sft.NF4Linear)) for m in plain.modules())
 
 
 def test_sft_prefix_lm_fine_tunes_the_same_weights_under_a_prefix_lm_mask(tmp_path):
@@ -1922,6 +2012,120 @@ def test_sft_seed_sweep_runs_each_seed_from_one_pretrained_model(tmp_path, pretr
     assert not torch.equal(runs[0]["model"]["wte.weight"], runs[1]["model"]["wte.weight"])  # other batches
     acc = [m["runs"][s]["accuracy"] for s in ("3", "4")]
     assert m["accuracy"] == {"mean": sum(acc) / 2, "min": min(acc), "max": max(acc)}
+
+
+# ---------------------------------------------------------------------------------------------
+# using a trained model: sampling from a checkpoint of any stage, the export to the Hugging Face Llama format
+
+def sampled_lines(out):
+    return [line for line in out.splitlines() if " -> " in line]
+
+
+def test_sample_prints_n_continuations_and_for_a_task_prompt_the_answer_and_r_star(fine_tuned, pretrained, capsys):
+    """--sample: the fine-tuned model answers in its chat template <bos> prompt <sep>, an answer's length at most,
+    each continuation with the correct sum and its r*; the pretrained one continues <bos> text, with the sampling
+    flags. Both what generate() samples with the same seed."""
+    path = str(fine_tuned[1] / "sft.pt")
+    sft.main(["--sample", path, "--prompt", "123+456", "--n", "3", "--seed", "5", *CPU])
+    model, _ = gpt.load_model(path)
+    outs = generate(model, [[BOS, *b"123+456", SEP]] * 3, 6, generator=torch.Generator().manual_seed(5))
+    answers = [decode(o[:o.index(EOS)] if EOS in o else o) for o in outs]
+    shown = lambda y: y if y.isprintable() else repr(y)  # one line each
+    assert sampled_lines(capsys.readouterr().out) == [
+        f"123+456 -> {shown(y)}    correct: 579    r* = {sft.true_reward(123, 456, y):.3f}" for y in answers]
+    path = str(pretrained[1] / "gpt.pt")
+    sft.main(["--sample", path, "--prompt", "def ", "--n", "2", "--temperature", "0.5", "--top_k", "10",
+              "--top_p", "0.9", "--max_new_tokens", "9", *CPU])
+    model, _ = gpt.load_model(path)
+    outs = generate(model, [[BOS, *b"def "]] * 2, 9, 0.5, 10, 0.9, generator=torch.Generator().manual_seed(1337))
+    assert sampled_lines(capsys.readouterr().out) == [f"def  -> {shown(decode(o))}" for o in outs]
+
+
+def test_sample_reads_a_prompt_per_line_of_stdin_and_a_bad_line_is_one_error_line(tmp_path, fine_tuned):
+    """`echo 123+456 | python sft.py --sample sft.pt`: a prompt longer than the context, or bytes that are not UTF-8,
+    are one error line each and the lines after them are still answered."""
+    r = run_script(["sft.py", "--sample", str(fine_tuned[1] / "sft.pt"), "--n", "2", *CPU], cwd=tmp_path,
+                   stdin="123+456\n" + "9" * 40 + "\n\udcff\udcfe\n\n999+999\n")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    lines = sampled_lines(r.stdout)
+    assert [line.split(" -> ")[0] for line in lines] == ["123+456"] * 2 + ["999+999"] * 2
+    assert all("correct: 579" in line for line in lines[:2]) and all("correct: 1998" in line for line in lines[2:])
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2 and "42 tokens" in errors[0] and "block_size=32" in errors[0] and "UTF-8" in errors[1]
+
+
+def peft_checkpoint(path, sft_cfg):
+    """A checkpoint of an SFT run stopped before its end under this PEFT method (so not merged), its trainable
+    weights random (as if trained). Returns the wrapped model."""
+    model = sft.wrap_peft(seeded_model(), sft_cfg)
+    torch.manual_seed(1)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = 0.05 * torch.randn_like(p)
+    train.save_checkpoint(str(path), stage="sft", config=dataclasses.asdict(model.cfg), task=sft.TaskConfig().identity,
+                          sft=dataclasses.asdict(sft_cfg), model=model.state_dict(), finished=False, step=1)
+    return model.eval()
+
+
+def test_a_qlora_run_stopped_early_samples_and_exports_merged_and_adapters_are_not_exported(tmp_path, capsys):
+    """A QLoRA checkpoint whose LoRA is not merged yet loads merged (the same logits), samples and exports: the
+    exported LlamaForCausalLM has the logits of the unmerged model. An adapter checkpoint samples, and its export
+    is one line (a nonlinear bottleneck cannot merge into Llama's weights)."""
+    ids = torch.randint(0, gpt.N_TOKENS, (2, 24))
+    wrapped = peft_checkpoint(tmp_path / "sft.pt", sft.SFTConfig(lora_rank=2, lora_targets="all", qlora=True))
+    loaded, _ = sft.load_trained(str(tmp_path / "sft.pt"))
+    assert not any(isinstance(m, (sft.LoRALinear, sft.NF4Linear, sft.TokenRows)) for m in loaded.modules())
+    with torch.no_grad():
+        want = wrapped(ids)
+        assert torch.allclose(loaded.eval()(ids), want, atol=1e-5)
+        assert not torch.allclose(seeded_model()(ids), want, atol=1e-3)  # the update counts
+    sft.main(["--sample", str(tmp_path / "sft.pt"), "--prompt", "123+456", "--n", "2", *CPU])
+    assert len(sampled_lines(capsys.readouterr().out)) == 2
+    code, err = main_in_process(sft, ["--export_hf", str(tmp_path / "sft.pt"), "--export_dir", str(tmp_path / "hf")],
+                                capsys)
+    assert code == 0, err
+    hf = load_with_transformers([tmp_path / "hf"], ids, [], tmp_path)
+    assert torch.allclose(hf[str(tmp_path / "hf")]["logits"], want[..., :gpt.N_TOKENS], atol=1e-4, rtol=0)
+
+    wrapped = peft_checkpoint(tmp_path / "sft_adapter.pt", sft.SFTConfig(adapter_dim=4))
+    loaded, _ = sft.load_trained(str(tmp_path / "sft_adapter.pt"))
+    assert isinstance(loaded.blocks[0].attn, sft.Adapter) and not isinstance(loaded.wte, sft.TokenRows)
+    with torch.no_grad():
+        assert torch.allclose(loaded.eval()(ids), wrapped(ids), atol=1e-5)
+    sft.main(["--sample", str(tmp_path / "sft_adapter.pt"), "--prompt", "123+456", "--n", "2", *CPU])
+    assert len(sampled_lines(capsys.readouterr().out)) == 2
+    code, err = main_in_process(sft, ["--export_hf", str(tmp_path / "sft_adapter.pt"), "--export_dir",
+                                      str(tmp_path / "hf2")], capsys)
+    assert_one_error_line(code, err, 2, ["adapter_dim", "Llama"])
+    assert not (tmp_path / "hf2").exists()
+
+
+@pytest.mark.parametrize("switch", [dict(n_expert=2), dict(attention="linear"), dict(parallel_block=True),
+                                    dict(norm_placement="post"), dict(pos_emb="learned"), dict(prefix_lm=True),
+                                    dict(logit_scale=True), dict(norm="layernorm"), dict(bias=True),
+                                    dict(ffn="gelu"), dict(ffn="relu")])
+def test_export_refuses_a_switch_llama_has_no_place_for_in_one_line(tmp_path, capsys, switch):
+    model = seeded_model(**switch)
+    train.save_checkpoint(str(tmp_path / "gpt.pt"), stage="gpt", config=dataclasses.asdict(model.cfg),
+                          model=model.state_dict())
+    code, err = main_in_process(sft, ["--export_hf", str(tmp_path / "gpt.pt"), "--export_dir", str(tmp_path / "hf")],
+                                capsys)
+    (name, value), = switch.items()
+    assert_one_error_line(code, err, 2, [f"{name}={value!r}", "Llama"])
+    assert not (tmp_path / "hf").exists()
+
+
+def test_export_never_writes_over_a_directory_silently_and_a_reward_model_does_not_sample(tmp_path, capsys, pretrained):
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    argv = ["--export_hf", str(pretrained[1] / "gpt.pt"), "--export_dir", str(tmp_path / "hf")]
+    assert_one_error_line(*main_in_process(sft, argv, capsys), 2, ["not empty", "--overwrite"])
+    assert (tmp_path / "hf" / "config.json").read_text() == "{}"
+    assert main_in_process(sft, [*argv, "--overwrite"], capsys)[0] == 0
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["num_hidden_layers"] == 2
+    train.save_checkpoint(str(tmp_path / "reward.pt"), stage="reward", model={})
+    code, err = main_in_process(sft, ["--sample", str(tmp_path / "reward.pt"), "--prompt", "1+2"], capsys)
+    assert_one_error_line(code, err, 2, ["reward model"])
 
 
 # =============================================================================================
@@ -3395,6 +3599,12 @@ def main_in_process(module, argv, capsys):
     (ppo, ["--temperature", "0"], ["temperature > 0"]), (ppo, ["--minibatches", "65"], ["--minibatches", "empty"]),
     (sft, ["--heldout", "10000000"], ["heldout", "50626 pairs"]),
     (sft, ["--init", "/no/such.pt"], ["--init"]), (sft, ["--qlora"], ["--lora_rank"]),
+    (sft, ["--prompt", "1+2"], ["--prompt", "--sample"]), (sft, ["--sample", "/no/such.pt"], ["no such file"]),
+    (sft, ["--export_hf", os.path.join(HERE, "gpt.py")], ["--export_dir"]),
+    (sft, ["--sample", os.path.join(HERE, "gpt.py"), "--n", "0"], ["n must be >= 1"]),
+    (sft, ["--sample", os.path.join(HERE, "gpt.py"), "--top_p", "2"], ["top_p"]),
+    (sft, ["--sample", os.path.join(HERE, "gpt.py"), "--lr", "0.1"], ["does not apply to --sample"]),
+    (sft, ["--sample", os.path.join(HERE, "gpt.py"), "--export_hf", os.path.join(HERE, "gpt.py")], ["choose one"]),
     (reward, ["--tau", "0"], ["tau"]), (dpo, ["--beta", "0"], ["beta"]), (gpro, ["--k", "1"], ["k >= 2"]),
     (gpt, ["--seed", "20000000000000"], ["seed", "2^32"]), (gpt, ["--seed", "99999999999999999999"], ["seed"]),
     (gpt, ["--seed", "-1"], ["seed", "[0, 2^32"]), (dt_mod, ["--seed", "-1"], ["seed"]),
