@@ -572,7 +572,7 @@ def select_path(q, k, v, causal=True, mask=None, dropout_p=0.0):
 def _announce(name, reason, what="attention"):
     if (what, name) not in _announced:
         _announced.add((what, name))
-        print(f"[kernels] {what} path: {name} ({reason})")
+        print(f"[kernels] {what} path: {name} ({reason})", file=sys.stderr)  # not in piped output
 
 
 def _first_line(error, limit=300):
