@@ -311,7 +311,7 @@ def kl_loss(estimator, logp, old_logp, ref_logp, dist, ref_dist, mask):
     """PPO-KL's penalty E_t[KL(pi_theta(.|s_t) || pi_ref(.|s_t))] (notes 10.7) on tokens sampled from pi_old. exact:
     the per-state sum over the vocabulary. k1, k3: the estimate at a_t weighted by the ratio o_t = pi / pi_old, so
     that its expectation is under pi_theta; at theta = theta_old the gradient of both is then that of the
-    exact KL, E_old[grad log pi(a) log(pi(a) / pi_ref(a))] (k3 without the constant that k1's carries). Without
+    exact KL, E_old[grad log pi(a) log(pi(a) / pi_ref(a))] (k3 without the constant term of k1's). Without
     o_t, k1's gradient would vanish in expectation and k3's would be that of KL(pi_ref || pi)."""
     if estimator == "exact":
         return masked_mean(kl_full(dist, ref_dist), mask)
@@ -338,7 +338,7 @@ def ppo_loss(net, batch, mask, cfg, beta):
     if cfg.kl_mode == "loss" or cfg.kl_estimator == "exact":         # PPO-KL: + beta E_t[KL(pi || pi_ref)]
         # (shaping with the exact KL: the reward -beta KL(pi_old(.|s_t) || pi_ref) depends on s_t only, so the
         # policy gradient sees how a_t changes the later states' KL but not KL at s_t itself; this term is that
-        # direct part, which k1's own token carries in expectation: E_a[grad log pi(a) k1(a)] = grad KL(s_t))
+        # direct part, which k1's own token holds in expectation: E_a[grad log pi(a) k1(a)] = grad KL(s_t))
         kl = kl_loss(cfg.kl_estimator, logp, b["old_logp"], b["ref_logp"], dist, b["ref_dist"], mask)
         loss = loss + beta * kl
         stats["kl_loss"] = kl.item()
