@@ -24,10 +24,10 @@ Why plain DPO collapses when trained longer, and what holds it. The loss only as
 gradient is -beta sigmoid(-beta h) (grad log pi(y+) - grad log pi(y-)) (homework 2(f)), and with a small
 beta the weight sigmoid(-beta h) stays near 1/2 for thousands of steps, so every pair keeps pulling. Nothing
 says where the rejected response's probability should go, and here the two responses are samples of one
-SFT model that share most of their digits (half the pairs differ in one digit, followed by digits both
-have): pushing y- down pushes its correct digits down too, in a context close to y+'s. So log pi(y+) falls
-with log pi(y-) (likelihood displacement, Razin et al. 2024), the correct answer loses probability even on
-digits the SFT model almost never gets wrong, and sampled accuracy collapses while the held-out preference
+SFT model that share most of their tokens (on addition half the pairs differ in one digit, followed by
+tokens both have): pushing y- down pushes its correct tokens down too, in a context close to y+'s. So log pi(y+)
+falls with log pi(y-) (likelihood displacement, Razin et al. 2024), the correct response loses probability even
+on tokens the SFT model almost never gets wrong, and sampled accuracy collapses while the held-out preference
 accuracy stays where it was. Two members of the family stop it: a larger beta (the weight falls once beta h is a few
 units, so training stops pulling; IPO's target 1 / (2 beta) does the same), and the NLL term on y+, which
 keeps the chosen likely so that the margin has to grow by the rejected falling. `python dpo.py` uses both.
@@ -96,11 +96,11 @@ class DPOConfig:
                     f"with --loss ipo, got --loss {self.loss}")
 
 
-def response_logps(model, comparisons, device):
+def response_logps(model, task, comparisons, device):
     """Sequence log-probs (N, K) of every response (and its <eos>) of every comparison."""
     K = len(comparisons[0][1])
     prompts = [p for p, ys, _ in comparisons for _ in ys]
-    ids, target = sft.pack(prompts, [y for _, ys, _ in comparisons for y in ys], device)
+    ids, target = sft.pack(task, prompts, [y for _, ys, _ in comparisons for y in ys], device)
     return gpt.sequence_logprobs(model, ids, target)[1].view(len(comparisons), K)
 
 
@@ -132,15 +132,15 @@ def preference_step(logps, ref_logps, cfg, lengths=None):
 
 
 @torch.no_grad()
-def answer_stats(model, task, prompts, device):
-    """What a collapse shows first, on held-out prompts: the mean log-prob of the correct answer and its <eos>
+def correct_response_stats(model, task, prompts, device):
+    """What a collapse shows first, on held-out prompts: the mean log-prob of the correct response and its <eos>
     (logps/correct, logps/correct_eos), and the mean length of the T=1 samples and the share of them that
     never emit <eos> (samples/length, samples/no_eos; the samples are evaluate_policy's, same seed)."""
-    ids, target = sft.pack(prompts, [gpt.encode(sft.answer(a, b)) for a, b in prompts], device)
+    ids, target = sft.pack(task, prompts, [gpt.encode(task.correct(p)) for p in prompts], device)
     per_token, total = gpt.sequence_logprobs(model, ids, target)
     last = (target * torch.arange(ids.shape[1], device=device)).argmax(1)        # the <eos> position
     g = torch.Generator(device=device).manual_seed(0)
-    outs = gpt.generate(model, [sft.prompt_tokens(a, b) for a, b in prompts], task.max_response_tokens, generator=g)
+    outs = gpt.generate(model, [task.prompt_tokens(p) for p in prompts], task.max_response_tokens, generator=g)
     return {"logps/correct": total.mean().item(),
             "logps/correct_eos": per_token[torch.arange(len(prompts)), last].mean().item(),
             "samples/length": sum(len(sft.strip_eos(o)) for o in outs) / len(outs),
@@ -171,11 +171,11 @@ def train_dpo(task, pref, cfg, train_cfg):
     held = reward.make_comparisons(policy, task, pref.n_eval, 2, pref.tau, pref.sample_temperature,
                                    train_cfg.seed + 1, heldout=True)
     with torch.no_grad():  # the reference log-probs, computed once
-        ref_logps = torch.cat([response_logps(ref, data[i:i + 256], device) for i in range(0, len(data), 256)])
-        held_ref = response_logps(ref, held, device)
-    held_prompts = sft.heldout_prompts(task)
+        ref_logps = torch.cat([response_logps(ref, task, data[i:i + 256], device) for i in range(0, len(data), 256)])
+        held_ref = response_logps(ref, task, held, device)
+    held_prompts = task.heldout_prompts()
     before = {**sft.evaluate_policy(policy, task), "kl": sft.kl_to_reference(policy, ref, task),  # kl 0: pi = pi_ref
-              **answer_stats(policy, task, held_prompts, device)}
+              **correct_response_stats(policy, task, held_prompts, device)}
 
     def get_batch(i):
         rng = train.step_rng(train_cfg.seed, i)
@@ -185,16 +185,16 @@ def train_dpo(task, pref, cfg, train_cfg):
     def loss_fn(net, batch):
         comparisons, ref_b = batch
         lengths = torch.tensor([[len(y) + 1 for y in ys] for _, ys, _ in comparisons], device=device)  # + <eos>
-        loss, stats = preference_step(response_logps(net, comparisons, device), ref_b, cfg, lengths)
+        loss, stats = preference_step(response_logps(net, task, comparisons, device), ref_b, cfg, lengths)
         return loss + gpt.aux_loss(policy), {"tokens": sum(len(y) + 1 for _, ys, _ in comparisons for y in ys),
                                              "margin": stats["rewards/margins"], "acc": stats["rewards/accuracies"],
                                              "logp_c": stats["logps/chosen"], "logp_r": stats["logps/rejected"]}
 
     def evaluate(m):
-        _, stats = preference_step(response_logps(m, held, device), held_ref,
+        _, stats = preference_step(response_logps(m, task, held, device), held_ref,
                                    dataclasses.replace(cfg, loss="sigmoid", rpo_alpha=0.0, ipo_per_token=False))
         return {**{f"heldout_{k}": v for k, v in stats.items()}, **sft.evaluate_policy(m, task),
-                "kl": sft.kl_to_reference(m, ref, task), **answer_stats(m, task, held_prompts, device)}
+                "kl": sft.kl_to_reference(m, ref, task), **correct_response_stats(m, task, held_prompts, device)}
 
     meta = {"stage": "dpo", "config": dataclasses.asdict(policy.cfg), "task": task.identity,
             "pref": dataclasses.asdict(pref), "dpo": dataclasses.asdict(cfg),
@@ -212,7 +212,8 @@ def train_dpo(task, pref, cfg, train_cfg):
 
 
 def main(argv=None):
-    train_dpo(*train.parse_args(list(dpo_defaults()), argv, description="DPO on simulated preferences"))
+    task_cfg, *cfgs = sft.parse_args(list(dpo_defaults()), argv, description="DPO on simulated preferences")
+    train_dpo(task_cfg.build(), *cfgs)
 
 
 if __name__ == "__main__":

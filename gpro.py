@@ -143,7 +143,7 @@ def clip_fractions(logp, old_logp, adv, mask, clip_eps=0.2, clip_eps_high=None, 
 
 
 # ----------------------------------------------------------------------------------------------
-# Training on the arithmetic task
+# Training on the task
 
 @dataclass(frozen=True)
 class GPROConfig:
@@ -200,9 +200,9 @@ def grpo_rollout(policy, ref, task, prompts, score, cfg, generator, dtype="auto"
     (1 on the sampled tokens, <eos> included where one was sampled), old_logp, ref_logp (N, T), adv (N,)."""
     device = next(policy.parameters()).device
     flat = [p for p in prompts for _ in range(cfg.k)]
-    outs = gpt.generate(policy, [sft.prompt_tokens(a, b) for a, b in flat], task.max_response_tokens,
+    outs = gpt.generate(policy, [task.prompt_tokens(p) for p in flat], task.max_response_tokens,
                         generator=generator)
-    ids, mask = sft.pack_generated(flat, outs, device)
+    ids, mask = sft.pack_generated(task, flat, outs, device)
     with train.autocast(device, dtype):
         old_logp, _ = gpt.sequence_logprobs(policy, ids, mask)
         ref_logp, _ = gpt.sequence_logprobs(ref, ids, mask)
@@ -261,8 +261,8 @@ def train_gpro(task, cfg, train_cfg):
         flat_p, flat_y = [p for p in prompts for _ in range(cfg.k)], [y for ys in responses for y in ys]
         if rm is not None:
             with torch.no_grad():
-                return reward.rewards(rm, flat_p, flat_y, device).view(-1, cfg.k)
-        r = torch.tensor(sft.true_rewards(flat_p, flat_y), device=device).view(-1, cfg.k)
+                return reward.rewards(rm, task, flat_p, flat_y, device).view(-1, cfg.k)
+        r = torch.tensor(task.true_rewards(flat_p, flat_y), device=device).view(-1, cfg.k)
         return (r == 1).float() if cfg.reward == "exact" else r  # r* is 1 exactly when correct
 
     def evaluate(m):
@@ -293,7 +293,7 @@ def train_weighted_likelihood(policy, ref, task, cfg, train_cfg, score, evaluate
 
     def get_batch(i):
         rng = train.step_rng(train_cfg.seed, i)
-        prompts = sft.sample_prompts(task, train_cfg.batch_size, rng)
+        prompts = task.sample_prompts(train_cfg.batch_size, rng)
         responses = reward.sample_responses(policy if cfg.online else ref, task, prompts, cfg.k, 1.0,
                                             seed=rng.randrange(2 ** 31))
         return prompts, responses, score(prompts, responses)
@@ -301,7 +301,7 @@ def train_weighted_likelihood(policy, ref, task, cfg, train_cfg, score, evaluate
     def loss_fn(net, batch):
         prompts, responses, r = batch
         flat_p = [p for p in prompts for _ in range(cfg.k)]
-        ids, target = sft.pack(flat_p, [y for ys in responses for y in ys], device)
+        ids, target = sft.pack(task, flat_p, [y for ys in responses for y in ys], device)
         _, logp = gpt.sequence_logprobs(net, ids, target)
         w = gpro_weights(r, cfg.beta)  # its entropy: ln K when uniform, 0 when one sample takes all
         stats = {"tokens": ids.numel(), "reward": r.mean().item(),
@@ -321,7 +321,7 @@ def train_grpo(policy, ref, task, cfg, train_cfg, score, evaluate, path, meta):
         # 1. Rollout number step // mu with theta_old = the current policy
         rollout, start, t = run.step // cfg.mu, run.step, time.perf_counter()
         rng = train.step_rng(train_cfg.seed, rollout)
-        prompts = sft.sample_prompts(task, train_cfg.batch_size, rng)
+        prompts = task.sample_prompts(train_cfg.batch_size, rng)
         g = torch.Generator(device=run.device).manual_seed(rng.randrange(2 ** 31))
         batch, rollout_stats = grpo_rollout(policy, ref, task, prompts, score, cfg, g, train_cfg.dtype)
         run.train_seconds += time.perf_counter() - t  # sampling is training time, as in train.train's get_batch
@@ -340,7 +340,8 @@ def train_grpo(policy, ref, task, cfg, train_cfg, score, evaluate, path, meta):
 
 
 def main(argv=None):
-    train_gpro(*train.parse_args(list(gpro_defaults()), argv, description="GPRO / GRPO from scalar rewards"))
+    task_cfg, *cfgs = sft.parse_args(list(gpro_defaults()), argv, description="GPRO / GRPO from scalar rewards")
+    train_gpro(task_cfg.build(), *cfgs)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ is the notes' nested loop, written out in train_ppo():
 The reward in units of its spread (--reward_norm ref, the default): R' = (R - mu) / sigma with mu,
 sigma of the reference policy's rewards, a fixed affine map, so eq. 12 is unchanged with beta
 measured in reward spreads. Without it beta means ten times more for r* (std about 0.2: most samples
-are right, a forgotten carry costs one digit of three) than for the reward model (std about 2): at
+are right, on addition a demonstrator's slip costs one digit of three) than for the reward model (std about 2): at
 beta = 0.2, pi_ref exp(r* / beta) / Z is itself only about 80% correct, and the noise of the sampled
 KL_t, beta (k1 - exact), weighs as much in the advantages as r*'s spread once the policy has moved.
 
@@ -44,7 +44,7 @@ the value loss then cannot pull on the policy's features, and that trunk already
 the reward. Its value head starts at zero weights and a bias equal to the mean reward (0 after
 normalisation), the right expected return at the start. It learns at --critic_lr_scale times the
 policy's learning rate, since it must track returns the policy changes every rollout. Here it explains
-little of the return (the outcome is decided when the carry digit is sampled), so the advantage is
+little of the return (the outcome is decided when the one token that can go wrong is sampled), so the advantage is
 mostly R minus its mean.
 """
 import copy
@@ -264,9 +264,9 @@ def rollout(model, ref, task, prompts, score, cfg, beta, generator, dtype="auto"
     score(prompts, responses) -> (R (B,), stats); normalise(R) -> R in the units beta is given in (default:
     unchanged). Returns the batch (a dict of (B, T) tensors) and stats."""
     device = next(model.parameters()).device
-    outs = gpt.generate(model.policy, [sft.prompt_tokens(a, b) for a, b in prompts], task.max_response_tokens,
+    outs = gpt.generate(model.policy, [task.prompt_tokens(p) for p in prompts], task.max_response_tokens,
                         cfg.temperature, cfg.top_k, cfg.top_p, generator=generator)
-    ids, resp = sft.pack_generated(prompts, outs, device)
+    ids, resp = sft.pack_generated(task, prompts, outs, device)
     mask = resp.float()
     m = resp.bool()
     with train.autocast(device, dtype):  # the precision of the update, so that the first ratio is exactly 1
@@ -312,7 +312,7 @@ def kl_loss(estimator, logp, old_logp, ref_logp, dist, ref_dist, mask):
     """PPO-KL's penalty E_t[KL(pi_theta(.|s_t) || pi_ref(.|s_t))] (notes 10.7) on tokens sampled from pi_old. exact:
     the per-state sum over the vocabulary. k1, k3: the estimate at a_t weighted by the ratio o_t = pi / pi_old, so
     that its expectation is under pi_theta; at theta = theta_old the gradient of both is then that of the
-    exact KL, E_old[grad log pi(a) log(pi(a) / pi_ref(a))] (k3 without the constant that k1's carries). Without
+    exact KL, E_old[grad log pi(a) log(pi(a) / pi_ref(a))] (k3 without the constant term of k1's). Without
     o_t, k1's gradient would vanish in expectation and k3's would be that of KL(pi_ref || pi)."""
     if estimator == "exact":
         return masked_mean(kl_full(dist, ref_dist), mask)
@@ -339,7 +339,7 @@ def ppo_loss(net, batch, mask, cfg, beta):
     if cfg.kl_mode == "loss" or cfg.kl_estimator == "exact":         # PPO-KL: + beta E_t[KL(pi || pi_ref)]
         # (shaping with the exact KL: the reward -beta KL(pi_old(.|s_t) || pi_ref) depends on s_t only, so the
         # policy gradient sees how a_t changes the later states' KL but not KL at s_t itself; this term is that
-        # direct part, which k1's own token carries in expectation: E_a[grad log pi(a) k1(a)] = grad KL(s_t))
+        # direct part, which k1's own token holds in expectation: E_a[grad log pi(a) k1(a)] = grad KL(s_t))
         kl = kl_loss(cfg.kl_estimator, logp, b["old_logp"], b["ref_logp"], dist, b["ref_dist"], mask)
         loss = loss + beta * kl
         stats["kl_loss"] = kl.item()
@@ -371,19 +371,19 @@ def train_ppo(task, cfg, train_cfg):
     # The critic is a trunk initialised from the reward model's, trained (requires_grad on again).
     critic = Critic(copy.deepcopy(rm.backbone).requires_grad_(True)).to(device)
     model = ActorCritic(policy, critic)
-    held = sft.heldout_prompts(task)
+    held = task.heldout_prompts()
 
     def heldout(pi):
         """Held-out accuracy, r* and KL, and the reward model's mean score of held-out samples: when it
         climbs while r* falls, the policy is exploiting the reward model (over-optimisation)."""
         responses = [ys[0] for ys in reward.sample_responses(pi, task, held, 1, cfg.temperature, seed=0)]
         return {**sft.evaluate_policy(pi, task), "kl": sft.kl_to_reference(pi, ref, task),
-                "rm_score": reward.rewards(rm, held, responses, device).mean().item()}
+                "rm_score": reward.rewards(rm, task, held, responses, device).mean().item()}
 
     def score(prompts, responses):
         """R (B,) from the reward model or r*, and both means for the log: their gap is over-optimisation."""
-        true = torch.tensor(sft.true_rewards(prompts, responses), device=device)
-        rm_score = reward.rewards(rm, prompts, responses, device)
+        true = torch.tensor(task.true_rewards(prompts, responses), device=device)
+        rm_score = reward.rewards(rm, task, prompts, responses, device)
         stats = {"r_true": true.mean().item(), "r_rm": rm_score.mean().item()}
         return (rm_score if cfg.reward == "rm" else true), stats
 
@@ -393,7 +393,7 @@ def train_ppo(task, cfg, train_cfg):
     # rollouts: R's mean without normalisation (about 0 for the reward model, which is normalised that way;
     # about 0.84 for r*), else 0. A critic that starts far off makes GAE's advantages depend on the position
     # in the response (A_t = lam^(T-t) R - V for V = 0), which the policy then learns.
-    prompts = sft.sample_prompts(task, 256, random.Random(train_cfg.seed - 1))
+    prompts = task.sample_prompts(256, random.Random(train_cfg.seed - 1))
     responses = reward.sample_responses(policy, task, prompts, 1, cfg.temperature, seed=train_cfg.seed - 1)
     ref_moments = RunningMoments()
     ref_moments.update(score(prompts, [ys[0] for ys in responses])[0])
@@ -419,7 +419,7 @@ def train_ppo(task, cfg, train_cfg):
         t = time.perf_counter()
         k, start = run.step // (cfg.epochs * cfg.minibatches), run.step
         rng = train.step_rng(train_cfg.seed, k)
-        prompts = [p for p in sft.sample_prompts(task, train_cfg.batch_size, rng)
+        prompts = [p for p in task.sample_prompts(train_cfg.batch_size, rng)
                    for _ in range(cfg.samples_per_prompt)]
         g = torch.Generator(device=device).manual_seed(rng.randrange(2 ** 31))
         batch, rollout_stats = rollout(model, ref, task, prompts, score, cfg, run.state["beta"], g, train_cfg.dtype,
@@ -470,7 +470,8 @@ def random_generator(rng):
 
 
 def main(argv=None):
-    train_ppo(*train.parse_args(list(ppo_defaults()), argv, description="RLHF with PPO"))
+    task_cfg, *cfgs = sft.parse_args(list(ppo_defaults()), argv, description="RLHF with PPO")
+    train_ppo(task_cfg.build(), *cfgs)
 
 
 if __name__ == "__main__":

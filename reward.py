@@ -74,7 +74,7 @@ def sample_responses(policy, task, prompts, k, temperature, seed, batch=256):
     """k responses (token lists, without <eos>) per prompt from the policy, batched with the KV cache."""
     device = next(policy.parameters()).device
     g = torch.Generator(device=device).manual_seed(seed)
-    flat = [sft.prompt_tokens(a, b) for a, b in prompts for _ in range(k)]
+    flat = [task.prompt_tokens(p) for p in prompts for _ in range(k)]
     out, bar = [], train.Progress(len(flat), "sampling", enabled=train.rank() == 0 and len(flat) > batch)
     for i in range(0, len(flat), batch):
         out += [sft.strip_eos(o) for o in gpt.generate(policy, flat[i:i + batch], task.max_response_tokens,
@@ -91,10 +91,10 @@ def make_comparisons(policy, task, n, k, tau, temperature, seed, heldout=False):
     rng = random.Random(seed)
     data, asked = [], 0
     while len(data) < n:  # each round draws as many fresh prompts as comparisons are still missing
-        prompts = sft.sample_prompts(task, n - len(data), rng, heldout=heldout)
+        prompts = task.sample_prompts(n - len(data), rng, heldout=heldout)
         for p, ys in zip(prompts, sample_responses(policy, task, prompts, k, temperature, rng.randrange(2 ** 31))):
             if len({tuple(y) for y in ys}) > 1:
-                r = sft.true_rewards([p] * k, ys)
+                r = task.true_rewards([p] * k, ys)
                 order = plackett_luce_ranking(r, tau, rng)
                 data.append((p, [ys[i] for i in order], [r[i] for i in order]))
         asked += len(prompts)
@@ -209,9 +209,9 @@ class RewardModel(nn.Module):
         return self.head(p).squeeze(-1)
 
 
-def pack_for_rm(prompts, responses, side="right", device="cpu"):
+def pack_for_rm(task, prompts, responses, side="right", device="cpu"):
     """<bos> prompt <sep> response <eos>, padded on the given side: ids, attention mask, response mask."""
-    ids, target = sft.pack(prompts, responses)
+    ids, target = sft.pack(task, prompts, responses)
     attn = (ids != gpt.PAD).long()
     if side == "left":  # move each row's padding to the front
         n = attn.sum(1)
@@ -237,18 +237,18 @@ def preference_loss(r, cfg):
     return (gap - cfg.target_gap).pow(2).mean()
 
 
-def rewards(rm, prompts, responses, device, batch=256):
+def rewards(rm, task, prompts, responses, device, batch=256):
     """R_phi(x, y) (N,) of each prompt and response (token list, without <eos>)."""
     out = []
     for i in range(0, len(prompts), batch):
-        out.append(rm(*pack_for_rm(prompts[i:i + batch], responses[i:i + batch], device=device)))
+        out.append(rm(*pack_for_rm(task, prompts[i:i + batch], responses[i:i + batch], device=device)))
     return torch.cat(out)
 
 
-def score(rm, comparisons, device):
+def score(rm, task, comparisons, device):
     """Rewards (N, K) of every response of every comparison."""
     K = len(comparisons[0][1])
-    return rewards(rm, [p for p, ys, _ in comparisons for _ in ys], [y for _, ys, _ in comparisons for y in ys],
+    return rewards(rm, task, [p for p, ys, _ in comparisons for _ in ys], [y for _, ys, _ in comparisons for y in ys],
                    device).view(len(comparisons), K)
 
 
@@ -317,13 +317,13 @@ def train_reward(task, pref, rcfg, train_cfg):
     rm = RewardModel(copy.deepcopy(policy), rcfg.pooling, rcfg.n_latents)  # the SFT backbone; the policy intact
 
     def loss_fn(net, batch):
-        r = score(net, batch, device)
+        r = score(net, task, batch, device)
         return preference_loss(r, rcfg) + gpt.aux_loss(rm), {"tokens": sum(len(y) for _, ys, _ in batch for y in ys)}
 
     true_gap = torch.tensor([r[0] - r[1] for _, _, r in eval_data])
 
     def evaluate(m):
-        r = score(m, eval_data, device)
+        r = score(m, task, eval_data, device)
         gap = (r[:, 0] - r[:, 1]).cpu()
         strict = true_gap != 0  # the noiseless r* ordering, where r* tells the two apart
         return {"pairwise_accuracy": ((gap > 0).float() + 0.5 * (gap == 0).float()).mean().item(),  # ties: half
@@ -340,7 +340,7 @@ def train_reward(task, pref, rcfg, train_cfg):
     rm.eval()
     fresh = make_comparisons(policy, task, 300, 2, pref.tau, pref.sample_temperature, train_cfg.seed + 2)
     with torch.no_grad():
-        r = score(rm, fresh, device)
+        r = score(rm, task, fresh, device)
         rm.head.bias -= r.mean()
         r = r - r.mean()
     truth = torch.tensor([x for _, _, rs in fresh for x in rs])
@@ -360,7 +360,8 @@ def train_reward(task, pref, rcfg, train_cfg):
 
 
 def main(argv=None):
-    train_reward(*train.parse_args(list(reward_defaults()), argv, description="reward model on simulated preferences"))
+    task_cfg, *cfgs = sft.parse_args(list(reward_defaults()), argv, description="reward model on simulated preferences")
+    train_reward(task_cfg.build(), *cfgs)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@ The task: add two d-digit integers. The prompt is "123+456", the correct respons
 demonstrations come from a sloppy demonstrator who, on a fraction of prompts, forgets one carry,
 as human demonstrators make mistakes: imitating them plateaus below 100% however long SFT runs,
 while the ground-truth scorer r*(prompt, response), which the alignment stages and the simulated
-labeller of reward.py use, knows the right answer.
+labeller of reward.py use, knows the right answer. The stages reach the task only through the Task
+interface of section 1, so it can be swapped: `--task sort` (on every stage) sorts a string of digits
+instead, and a new task is a subclass of Task registered in TASKS (README: "Your own task").
 
 Chat template: <bos> prompt <sep> response <eos>, right-padded with <pad> (distinct from <eos>).
 
@@ -21,6 +23,7 @@ Using a trained model of any stage (section 4): `python sft.py --sample out/dpo.
 five answers with r* (no --prompt: a prompt per line of stdin); `python sft.py --export_hf out/sft.pt --export_dir
 hf` writes it in the Hugging Face Llama format (gpt.export_hf), for transformers, vLLM, TRL.
 """
+import argparse
 import dataclasses
 import math
 import os
@@ -41,80 +44,152 @@ from train import arg
 # ----------------------------------------------------------------------------------------------
 # 1. The task: prompts, a sloppy demonstrator, the ground-truth scorer r*
 
+class Task:
+    """A verifiable task: everything the stages know of it. A prompt is a hashable value that only the task
+    reads (addition's is the operand pair); a response is text. A new task subclasses Task, defines the
+    methods that raise NotImplementedError and registers itself in TASKS (README: "Your own task").
+    `defaults`: the TaskConfig flags whose defaults this task changes, e.g. {"digits": 6}."""
+    name = ""
+    defaults = {}
 
-@dataclass(frozen=True)
-class TaskConfig:
-    digits: int = arg(3, "digits of each operand")
-    slip: float = arg(0.4, "fraction of prompts on which the demonstrator forgets one carry")
-    heldout: int = arg(0, "distinct held-out prompts for evaluation, never trained on (0 = 1000, or the whole "
-                          "held-out split when it is smaller)")
+    def __init__(self, cfg):
+        self.cfg = cfg  # the TaskConfig: --digits (the prompt's size), --slip, --heldout
 
-    def __post_init__(self):
-        train.check(1 <= self.digits <= 6, f"digits must be in 1..6, got {self.digits}")
-        train.check(0.0 <= self.slip <= 1.0, f"slip must be in [0, 1], got {self.slip}")
-        n = heldout_pairs(self.digits)
-        train.check(0 <= self.heldout <= n, f"heldout must be in 0..{n} (the held-out split of {self.digits}-digit "
-                  f"operands has {n} pairs), got {self.heldout}")
+    # what a task defines
+    def random_prompt(self, rng):
+        """One prompt drawn with the random.Random `rng`, from the training and held-out splits together."""
+        raise NotImplementedError
 
-    @property
-    def n_heldout(self):
-        return self.heldout or min(1000, heldout_pairs(self.digits))
+    def is_heldout(self, prompt):
+        """The held-out split: a fixed function of the prompt, so never trained on in any script or run."""
+        raise NotImplementedError
 
-    @property
-    def identity(self):
-        """What a model trained on this task depends on (heldout only sizes the evaluation)."""
-        return {"digits": self.digits, "slip": self.slip}
+    def heldout_size(self):
+        """How many distinct prompts the held-out split has (the bound of --heldout)."""
+        raise NotImplementedError
+
+    def prompt_text(self, prompt):
+        raise NotImplementedError
+
+    def correct(self, prompt):
+        """The correct response text."""
+        raise NotImplementedError
+
+    def demonstrate(self, prompt, rng):
+        """The sloppy demonstrator's response text: on a fraction `slip` of the prompts, the task's natural mistake."""
+        raise NotImplementedError
+
+    def true_reward(self, prompt, response):
+        """r*(prompt, response text) in [0, 1] with partial credit, so that two wrong responses can be ranked; 1
+        exactly when the response is correct."""
+        raise NotImplementedError
+
+    def parse_prompt(self, text):
+        """The prompt whose prompt_text is `text`, or None (optional: `sft.py --sample` then prints no r*)."""
+        return None
 
     @property
     def max_response_tokens(self):
-        """The length limit of every sampled response: the longest sum (digits + 1), <eos>, one spare."""
-        return self.digits + 3
+        """The length limit of every sampled response."""
+        raise NotImplementedError
+
+    # what every task shares
+    @property
+    def identity(self):
+        """What a model trained on this task depends on, recorded in its checkpoints (heldout only sizes the
+        evaluation); the name first, so a model built for another task is refused naming task.name."""
+        return {"name": self.name, "digits": self.cfg.digits, "slip": self.cfg.slip}
+
+    @property
+    def n_heldout(self):
+        return self.cfg.heldout or min(1000, self.heldout_size())
+
+    def sample_prompts(self, n, rng, heldout=False):
+        """n prompts from the training or the held-out split."""
+        out = []
+        while len(out) < n:
+            p = self.random_prompt(rng)
+            if self.is_heldout(p) == heldout:
+                out.append(p)
+        return out
+
+    def heldout_prompts(self):
+        """n_heldout distinct prompts of the held-out split, the same in every script and run."""
+        rng, prompts = random.Random(12345), {}  # a dict keeps the order in which the prompts were drawn
+        while len(prompts) < self.n_heldout:
+            prompts.update(dict.fromkeys(self.sample_prompts(self.n_heldout - len(prompts), rng, heldout=True)))
+        return list(prompts)
+
+    def prompt_tokens(self, prompt):
+        """<bos> prompt <sep>: what the policy is conditioned on."""
+        return [BOS] + gpt.encode(self.prompt_text(prompt)) + [SEP]
+
+    def true_rewards(self, prompts, responses):
+        """r* of each (prompt, response token list) pair, as a list of floats."""
+        return [self.true_reward(p, gpt.decode(y)) for p, y in zip(prompts, responses)]
 
 
-def is_heldout(a, b):
-    """A fixed 1-in-16 split of all operand pairs, the same in every script and run."""
-    return (a * 7919 + b * 104729) % 16 == 0
+def positions_right(want, response, align="left"):
+    """The share of character positions of `response` that match `want`, the shorter padded (on the right for
+    align="left", on the left for "right"): a missing or extra character costs its position."""
+    n = max(len(want), len(response))
+    pad = str.ljust if align == "left" else str.rjust
+    return sum(x == y for x, y in zip(pad(want, n, "_"), pad(response, n, "_"))) / n
 
 
-def heldout_pairs(digits):
-    """How many operand pairs the held-out split has, counted exactly by the residues of a and b mod 16."""
-    lo, hi = 10 ** (digits - 1), 10 ** digits - 1
-    count = lambda r: (hi - r) // 16 - (lo - 1 - r) // 16  # numbers in [lo, hi] that are r mod 16
-    return sum(count(ra) * count(rb) for ra in range(16) for rb in range(16) if is_heldout(ra, rb))
+class Addition(Task):
+    """Add two d-digit integers (--digits d): the prompt (a, b) reads "123+456", the correct response "579". The
+    demonstrator, on a fraction of prompts, forgets one carry, as human demonstrators make mistakes: imitating
+    it plateaus below 100% however long SFT runs, while r* knows the right answer."""
+    name = "add"
 
+    def __init__(self, cfg):
+        train.check(1 <= cfg.digits <= 6, f"digits must be in 1..6, got {cfg.digits}")
+        super().__init__(cfg)
 
-def sample_prompts(task, n, rng, heldout=False):
-    """n operand pairs (a, b), each d digits, from the training or the held-out split."""
-    lo, hi = 10 ** (task.digits - 1), 10 ** task.digits - 1
-    out = []
-    while len(out) < n:
-        a, b = rng.randint(lo, hi), rng.randint(lo, hi)
-        if is_heldout(a, b) == heldout:
-            out.append((a, b))
-    return out
+    def random_prompt(self, rng):
+        lo, hi = 10 ** (self.cfg.digits - 1), 10 ** self.cfg.digits - 1
+        return rng.randint(lo, hi), rng.randint(lo, hi)
 
+    def is_heldout(self, prompt):
+        """A fixed 1-in-16 split of all operand pairs."""
+        a, b = prompt
+        return (a * 7919 + b * 104729) % 16 == 0
 
-def heldout_prompts(task):
-    """task.n_heldout distinct operand pairs of the held-out split, the same in every script and run."""
-    rng, pairs = random.Random(12345), {}  # a dict keeps the order in which the pairs were drawn
-    while len(pairs) < task.n_heldout:
-        pairs.update(dict.fromkeys(sample_prompts(task, task.n_heldout - len(pairs), rng, heldout=True)))
-    return list(pairs)
+    def heldout_size(self):
+        """Counted exactly by the residues of a and b mod 16."""
+        lo, hi = 10 ** (self.cfg.digits - 1), 10 ** self.cfg.digits - 1
+        count = lambda r: (hi - r) // 16 - (lo - 1 - r) // 16  # numbers in [lo, hi] that are r mod 16
+        return sum(count(ra) * count(rb) for ra in range(16) for rb in range(16) if self.is_heldout((ra, rb)))
 
+    def prompt_text(self, prompt):
+        return "{}+{}".format(*prompt)
 
-def prompt_text(a, b):
-    return f"{a}+{b}"
+    def correct(self, prompt):
+        return str(sum(prompt))
 
+    def parse_prompt(self, text):
+        a, plus, b = text.partition("+")
+        ok = plus and all(x.isascii() and x.isdigit() and len(x) == self.cfg.digits for x in (a, b))
+        return (int(a), int(b)) if ok and self.prompt_text((int(a), int(b))) == text else None
 
-def parse_prompt(text, task):
-    """The operands (a, b) when `text` is a prompt of this task ("123+456" for 3 digits), else None."""
-    a, plus, b = text.partition("+")
-    ok = plus and all(x.isascii() and x.isdigit() and len(x) == task.digits for x in (a, b))
-    return (int(a), int(b)) if ok and prompt_text(int(a), int(b)) == text else None
+    def demonstrate(self, prompt, rng):
+        """With probability `slip` it forgets one of the carries (chosen at random among those that occur);
+        prompts without a carry it always gets right."""
+        exact, carried = column_add(*prompt)
+        if carried and rng.random() < self.cfg.slip:
+            return column_add(*prompt, forget=rng.choice(carried))[0]
+        return exact
 
+    def true_reward(self, prompt, response):
+        """The share of digit positions, aligned from the right, that match the correct sum; a response that is
+        not a number scores 0."""
+        return positions_right(self.correct(prompt), response, "right") if response.isdigit() else 0.0
 
-def answer(a, b):
-    return str(a + b)
+    @property
+    def max_response_tokens(self):
+        """The longest sum (digits + 1), <eos>, one spare."""
+        return self.cfg.digits + 3
 
 
 def column_add(a, b, forget=None):
@@ -135,35 +210,104 @@ def column_add(a, b, forget=None):
     return "".join(reversed(digits)), carried
 
 
-def demonstrate(a, b, slip, rng):
-    """The sloppy demonstrator: with probability `slip` it forgets one of the carries (chosen at
-    random among those that occur); prompts without a carry it always gets right."""
-    exact, carried = column_add(a, b)
-    if carried and rng.random() < slip:
-        return column_add(a, b, forget=rng.choice(carried))[0]
-    return exact
+class Sort(Task):
+    """Sort a string of d digits (--digits d, 6 by default for this task): the prompt "831520" reads "sort 831520",
+    the correct response "012358". The demonstrator, on a fraction of prompts, leaves one adjacent pair of its
+    sorted digits out of order (a pass short, as a hasty sorter does); prompts of one repeated digit it always
+    gets right."""
+    name = "sort"
+    defaults = {"digits": 6}
+
+    def __init__(self, cfg):
+        train.check(2 <= cfg.digits <= 12, f"digits must be in 2..12 for --task sort, got {cfg.digits}")
+        super().__init__(cfg)
+
+    def random_prompt(self, rng):
+        return "".join(str(rng.randrange(10)) for _ in range(self.cfg.digits))
+
+    def is_heldout(self, prompt):
+        """A fixed 1-in-16 split of all digit strings: sum_i (2i + 1) d_i = 0 mod 16."""
+        return sum((2 * i + 1) * int(c) for i, c in enumerate(prompt)) % 16 == 0
+
+    def heldout_size(self):
+        """Counted exactly: the number of strings with each residue of the weighted sum, one digit at a time."""
+        counts = [1] + [0] * 15
+        for i in range(self.cfg.digits):
+            counts = [sum(counts[(r - (2 * i + 1) * d) % 16] for d in range(10)) for r in range(16)]
+        return counts[0]
+
+    def prompt_text(self, prompt):
+        return f"sort {prompt}"
+
+    def correct(self, prompt):
+        return "".join(sorted(prompt))
+
+    def parse_prompt(self, text):
+        digits = text.removeprefix("sort ")
+        ok = text.startswith("sort ") and digits.isascii() and digits.isdigit() and len(digits) == self.cfg.digits
+        return digits if ok else None
+
+    def demonstrate(self, prompt, rng):
+        """With probability `slip` it swaps one adjacent pair of distinct digits of the sorted string (chosen at
+        random among them)."""
+        exact = self.correct(prompt)
+        steps = [i for i in range(len(exact) - 1) if exact[i] != exact[i + 1]]
+        if steps and rng.random() < self.cfg.slip:
+            i = rng.choice(steps)
+            return exact[:i] + exact[i + 1] + exact[i] + exact[i + 2:]
+        return exact
+
+    def true_reward(self, prompt, response):
+        """The share of positions, aligned from the left, that hold the right digit; 0 unless the response is made
+        of digits."""
+        return positions_right(self.correct(prompt), response, "left") if response.isdigit() else 0.0
+
+    @property
+    def max_response_tokens(self):
+        """The sorted string, <eos>, one spare."""
+        return self.cfg.digits + 2
 
 
-def true_reward(a, b, response):
-    """r*(prompt, response) in [0, 1] with partial credit: the share of digit positions, aligned
-    from the right, that match the correct sum (a response that is not a number scores 0), so two
-    wrong answers can still be ranked. 1 exactly when the response is correct."""
-    want = answer(a, b)
-    if not response.isdigit():
-        return 0.0
-    n = max(len(want), len(response))
-    right = sum(x == y for x, y in zip(want.rjust(n, "_"), response.rjust(n, "_")))
-    return right / n
+TASKS = {task.name: task for task in (Addition, Sort)}  # --task NAME; a new task adds itself here
 
 
-def true_rewards(prompts, responses):
-    """r* of each (prompt, response token list) pair, as a list of floats."""
-    return [true_reward(a, b, gpt.decode(y)) for (a, b), y in zip(prompts, responses)]
+@dataclass(frozen=True)
+class TaskConfig:
+    task: str = arg("add", f"the task: {' | '.join(TASKS)} (a task may set its own defaults of these flags: sort's "
+                           "--digits is 6)")
+    digits: int = arg(3, "the prompt's size: digits of each operand (add), digits to sort (sort)")
+    slip: float = arg(0.4, "fraction of prompts on which the demonstrator makes the task's mistake (add: forgets "
+                           "one carry; sort: leaves one adjacent pair out of order)")
+    heldout: int = arg(0, "distinct held-out prompts for evaluation, never trained on (0 = 1000, or the whole "
+                          "held-out split when it is smaller)")
+
+    def __post_init__(self):
+        train.check_choice(self, "task", tuple(TASKS))
+        train.check(0.0 <= self.slip <= 1.0, f"slip must be in [0, 1], got {self.slip}")
+        n = TASKS[self.task](self).heldout_size()
+        train.check(0 <= self.heldout <= n, f"heldout must be in 0..{n} (the held-out split of --task {self.task} "
+                    f"--digits {self.digits} has {n} prompts), got {self.heldout}")
+
+    def build(self):
+        """The Task these flags choose."""
+        return TASKS[self.task](self)
 
 
-def prompt_tokens(a, b):
-    """<bos> prompt <sep>: what the policy is conditioned on."""
-    return [BOS] + gpt.encode(prompt_text(a, b)) + [SEP]
+def task_of(identity):
+    """The Task a checkpoint records (its Task.identity)."""
+    return TaskConfig(task=identity.get("name", "add"), digits=identity["digits"], slip=identity["slip"]).build()
+
+
+def parse_args(defaults, argv=None, description=None):
+    """train.parse_args for a stage on the task: the TaskConfig among `defaults` takes the defaults that its --task
+    declares (Task.defaults) before the flags are read, so that `--task sort` alone runs that task's defaults."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--task", default=TaskConfig.task)
+    name = pre.parse_known_args(argv)[0].task
+    if name in TASKS:  # another name is refused, naming the choices, by TaskConfig
+        defaults = [dataclasses.replace(d, task=name, **TASKS[name].defaults) if isinstance(d, TaskConfig) else d
+                    for d in defaults]
+    return train.parse_args(defaults, argv, description)
 
 
 def strip_eos(tokens):
@@ -175,28 +319,27 @@ def response_text(tokens):
     return gpt.decode(strip_eos(tokens))
 
 
-def pack(prompts, responses, device="cpu"):
+def pack(task, prompts, responses, device="cpu"):
     """Chat-template sequences, right-padded: ids (B, T) and the SFT target mask (B, T), which is 1 on
     the response tokens and the final <eos> only (notes 10.3: prompt positions are masked).
     responses are token lists, without <eos>."""
-    seqs = [prompt_tokens(a, b) + r + [EOS] for (a, b), r in zip(prompts, responses)]
+    seqs = [task.prompt_tokens(p) + r + [EOS] for p, r in zip(prompts, responses)]
     T = max(map(len, seqs))
     ids = torch.full((len(seqs), T), PAD, dtype=torch.long)
     target = torch.zeros(len(seqs), T, dtype=torch.long)
-    for i, ((a, b), s) in enumerate(zip(prompts, seqs)):
-        p = len(prompt_tokens(a, b))
+    for i, (p, s) in enumerate(zip(prompts, seqs)):
         ids[i, :len(s)] = torch.tensor(s)
-        target[i, p:len(s)] = 1
+        target[i, len(task.prompt_tokens(p)):len(s)] = 1
     return ids.to(device), target.to(device)
 
 
-def pack_generated(prompts, outs, device="cpu"):
+def pack_generated(task, prompts, outs, device="cpu"):
     """pack() for what generate() returned (with <eos> when one was sampled): the target mask is 1 on
     every sampled token; a response cut at the length limit has no <eos> and is not given one."""
-    ids, target = pack(prompts, [strip_eos(o) for o in outs], device)
+    ids, target = pack(task, prompts, [strip_eos(o) for o in outs], device)
     for i, o in enumerate(outs):
         if EOS not in o:  # the <eos> that pack() appends was never sampled
-            target[i, len(prompt_tokens(*prompts[i])) + len(o)] = 0
+            target[i, len(task.prompt_tokens(prompts[i])) + len(o)] = 0
     return ids, target
 
 
@@ -205,16 +348,16 @@ def evaluate_policy(model, task, prompts=None, seed=0):
     """The figures every alignment stage reports on the held-out prompts: exact-match `accuracy` of
     greedy decoding, `sample_accuracy` at temperature 1 (what the policy actually does, and what RL
     optimises), each with its 95% interval, and the mean true reward r* of the samples."""
-    prompts = prompts or heldout_prompts(task)
-    inputs = [prompt_tokens(a, b) for a, b in prompts]
+    prompts = prompts or task.heldout_prompts()
+    inputs = [task.prompt_tokens(p) for p in prompts]
     greedy = gpt.generate(model, inputs, task.max_response_tokens, temperature=0)
     g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     sampled = [strip_eos(o) for o in gpt.generate(model, inputs, task.max_response_tokens, generator=g)]
-    n_correct = lambda outs: sum(response_text(o) == answer(a, b) for (a, b), o in zip(prompts, outs))
+    n_correct = lambda outs: sum(response_text(o) == task.correct(p) for p, o in zip(prompts, outs))
     k_greedy, k_sampled = n_correct(greedy), n_correct(sampled)
     return {"accuracy": k_greedy / len(prompts), "accuracy_ci": wilson_interval(k_greedy, len(prompts)),
             "sample_accuracy": k_sampled / len(prompts), "sample_accuracy_ci": wilson_interval(k_sampled, len(prompts)),
-            "true_reward": sum(true_rewards(prompts, sampled)) / len(prompts)}
+            "true_reward": sum(task.true_rewards(prompts, sampled)) / len(prompts)}
 
 
 def wilson_interval(k, n, z=1.96):
@@ -229,11 +372,11 @@ def wilson_interval(k, n, z=1.96):
 def kl_to_reference(policy, ref, task, prompts=None, seed=0):
     """Monte-Carlo KL(pi || pi_ref) per prompt: mean over held-out prompts of log pi(y|x) - log pi_ref(y|x)
     for y sampled from the policy at temperature 1 (notes 10.5: the sum of the per-token log ratios)."""
-    prompts = prompts or heldout_prompts(task)
+    prompts = prompts or task.heldout_prompts()
     device = next(policy.parameters()).device
     g = torch.Generator(device=device).manual_seed(seed)
-    outs = gpt.generate(policy, [prompt_tokens(a, b) for a, b in prompts], task.max_response_tokens, generator=g)
-    ids, target = pack_generated(prompts, outs, device)
+    outs = gpt.generate(policy, [task.prompt_tokens(p) for p in prompts], task.max_response_tokens, generator=g)
+    ids, target = pack_generated(task, prompts, outs, device)
     return (gpt.sequence_logprobs(policy, ids, target)[1] - gpt.sequence_logprobs(ref, ids, target)[1]).mean().item()
 
 
@@ -529,9 +672,9 @@ def sft_batches(task, batch_size, seed):
     """get_batch(i): batch_size training prompts with the demonstrator's responses, from step i's stream."""
     def get_batch(i):
         rng = train.step_rng(seed, i)
-        prompts = sample_prompts(task, batch_size, rng)
-        responses = [gpt.encode(demonstrate(a, b, task.slip, rng)) for a, b in prompts]
-        return pack(prompts, responses)
+        prompts = task.sample_prompts(batch_size, rng)
+        responses = [gpt.encode(task.demonstrate(p, rng)) for p in prompts]
+        return pack(task, prompts, responses)
     return get_batch
 
 
@@ -572,8 +715,8 @@ def finetune(model, task, sft_cfg, train_cfg, built_from=None):
         model.load_state_dict(causal.state_dict())
     config = dataclasses.asdict(model.cfg)
     stats = apply_peft(model, sft_cfg)
-    held = heldout_prompts(task)
-    held_batch = pack(held, [gpt.encode(answer(a, b)) for a, b in held])  # correct answers
+    held = task.heldout_prompts()
+    held_batch = pack(task, held, [gpt.encode(task.correct(p)) for p in held])  # correct responses
 
     def loss_fn(net, batch):
         ids, target = (t.to(next(model.parameters()).device) for t in batch)
@@ -643,9 +786,9 @@ def train_sft(task, sft_cfg, train_cfg):
                                    f"fp32: {m['linear_weight_bytes_fp32']:,})"),
         *([("NF4 error: rel. Frobenius, mean abs", f"{m['nf4_relative_error']:.4f}, {m['nf4_mean_abs_error']:.2e}")]
           if "nf4_relative_error" in m else [])])
-    (a, b), = sample_prompts(task, 1, random.Random(1), heldout=True)
-    out = gpt.generate(model, [prompt_tokens(a, b)], task.max_response_tokens, temperature=0)[0]
-    print(f"\nsample: {prompt_text(a, b)} -> {response_text(out)} (correct: {answer(a, b)})")
+    p, = task.sample_prompts(1, random.Random(1), heldout=True)
+    out = gpt.generate(model, [task.prompt_tokens(p)], task.max_response_tokens, temperature=0)[0]
+    print(f"\nsample: {task.prompt_text(p)} -> {response_text(out)} (correct: {task.correct(p)})")
     if m["accuracy"] < LEARNT:  # the transition came late or not at all (RESULTS.md): a second run gets past it
         print(f"\nwarning: the fine-tuned model has not learnt the task fully ({m['accuracy']:.1%} greedy held-out "
               f"accuracy, below {LEARNT:.0%}); the alignment stages would start from it. Train it further: "
@@ -745,11 +888,11 @@ def print_samples(model, task, use, text, generator):
         ids = gpt.encode(text)
     except UnicodeEncodeError:
         raise train.UserError(f"the prompt {text!r} is not valid UTF-8 text") from None
-    operands = parse_prompt(text, task) if task else None
+    parsed = task.parse_prompt(text) if task else None
     # a fine-tuned model reads the chat template <bos> prompt <sep> around any text, a pretrained one <bos> text
-    prompt = prompt_tokens(*operands) if operands else [BOS] + ids + ([SEP] if task else [])
+    prompt = task.prompt_tokens(parsed) if parsed is not None else [BOS] + ids + ([SEP] if task else [])
     room = model.cfg.block_size - len(prompt)
-    new = use.max_new_tokens or (task.max_response_tokens if operands else room)
+    new = use.max_new_tokens or (task.max_response_tokens if parsed is not None else room)
     context = f"the context block_size={model.cfg.block_size}"
     train.check(room >= 1, f"the prompt is {len(prompt)} tokens, {context} leaves no room for an answer: shorten it")
     train.check(new <= room, f"the prompt's {len(prompt)} tokens and max_new_tokens={new} exceed {context}: lower "
@@ -757,7 +900,8 @@ def print_samples(model, task, use, text, generator):
     for out in gpt.generate(model, [prompt] * use.n, new, use.temperature, use.top_k, use.top_p, generator=generator):
         y = response_text(out)
         shown = y if y.isprintable() else repr(y)  # one line each: newlines and control bytes escaped
-        score = f"    correct: {answer(*operands)}    r* = {true_reward(*operands, y):.3f}" if operands else ""
+        score = f"    correct: {task.correct(parsed)}    r* = {task.true_reward(parsed, y):.3f}" if parsed is not None \
+            else ""
         print(f"{text} -> {shown}{score}", flush=True)
 
 
@@ -766,7 +910,7 @@ def sample_from(use, train_cfg):
     and the next line is read."""
     device = train.pick_device(train_cfg.device)
     model, ckpt = load_trained(use.sample, device)
-    task = TaskConfig(**ckpt["task"]) if "task" in ckpt else None  # fine-tuned: it knows the task's template
+    task = task_of(ckpt["task"]) if "task" in ckpt else None  # fine-tuned: it knows the task's template
     generator = torch.Generator(device=device).manual_seed(train_cfg.seed)
     if use.prompt:
         return print_samples(model, task, use, use.prompt, generator)
@@ -805,11 +949,11 @@ def use_model(use, configs, defaults):
 
 def main(argv=None):
     defaults = [*sft_defaults(), UseConfig()]
-    task, sft_cfg, train_cfg, use = train.parse_args(defaults, argv, description="prompt-masked SFT, full or with "
-                                                     "LoRA, QLoRA or adapters; sampling from and exporting a model")
+    task_cfg, sft_cfg, train_cfg, use = parse_args(defaults, argv, description="prompt-masked SFT, full or with LoRA, "
+                                                   "QLoRA or adapters; sampling from and exporting a model")
     if use.sample or use.export_hf:
-        return use_model(use, [task, sft_cfg, train_cfg], defaults)
-    (seed_sweep if sft_cfg.seeds else train_sft)(task, sft_cfg, train_cfg)
+        return use_model(use, [task_cfg, sft_cfg, train_cfg], defaults)
+    (seed_sweep if sft_cfg.seeds else train_sft)(task_cfg.build(), sft_cfg, train_cfg)
 
 
 if __name__ == "__main__":
