@@ -31,6 +31,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+import sft
 import train
 from train import arg
 
@@ -63,7 +64,8 @@ class CompareConfig:
     quick: bool = arg(False, "one chain (the first seed) and 20 s per method: a first look in about 15 minutes")
     methods: str = arg("", "comma-separated subset of: " + ", ".join(m[0] for m in METHODS) + " (empty = all)")
     jobs: int = arg(2, "runs at a time, each with cores / jobs threads")
-    task: str = arg("", "the task every stage trains on (each script's --task; empty = the default task)")
+    task: str = arg("", "the task every stage trains on, with its own defaults (each script's --task; empty = the "
+                        "default task, addition)")
     device: str = arg("auto", "every run's --device")
     extra: str = arg("", "more flags for the runs of some scripts, after compare's own so that they win, e.g. "
                          "'gpt.py: --n_layer 8 --n_embd 128; sft.py: --lr 1e-3'. Finished runs are read back as "
@@ -84,6 +86,8 @@ class CompareConfig:
         train.check(not unknown, f"--methods: no method {', '.join(sorted(unknown))}; the methods are "
                     + ", ".join(m[0] for m in METHODS))
         train.check_device(self.device)
+        train.check(not self.task or self.task in sft.TASKS, f"--task {self.task}: the tasks are "
+                    + ", ".join(sft.TASKS))
         for part in filter(None, (p.strip() for p in self.extra.split(";"))):
             script, colon, _ = part.partition(":")
             train.check(colon and script.strip() in SCRIPTS, f"--extra {part!r}: write 'SCRIPT: FLAGS', SCRIPT one "
@@ -135,7 +139,8 @@ def plan(cfg):
     for seed in cfg.seed_list():
         chain = os.path.join(cfg.root, f"chain_{seed}")
         s = ["--seed", str(seed)]
-        runs += [Run(f"{seed}/gpt", f"chain {seed}: pretraining", "gpt.py", "gpt", chain, [*s, "--eval_interval", "100"]),
+        runs += [Run(f"{seed}/gpt", f"chain {seed}: pretraining", "gpt.py", "gpt", chain,
+                     [*s, "--eval_interval", "100"]),
                  Run(f"{seed}/sft", f"chain {seed}: SFT", "sft.py", "sft", chain, [*s, "--eval_interval", "250"],
                      after=(f"{seed}/gpt",)),
                  Run(f"{seed}/reward", f"chain {seed}: reward model", "reward.py", "reward", chain, s,

@@ -358,7 +358,8 @@ def train_ppo(task, cfg, train_cfg):
     """The whole stage: SFT policy and reward model -> the nested PPO loop (rollout, then epochs, then
     minibatches of token steps or of responses), the before/after table and out_dir/ppo_metrics.json.
     Returns (policy, metrics)."""
-    train.check(train_cfg.grad_accum == 1, "PPO's minibatches are its accumulation: use --minibatches, not --grad_accum")
+    train.check(train_cfg.grad_accum == 1, "PPO's minibatches are its accumulation: use --minibatches, not "
+                "--grad_accum")
     n = train_cfg.batch_size * cfg.samples_per_prompt
     train.check(cfg.minibatches <= n, f"--minibatches {cfg.minibatches} is more than the {n} responses of a rollout "
               "(batch_size x samples_per_prompt), so some minibatches would be empty: use fewer")

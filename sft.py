@@ -767,9 +767,10 @@ def train_sft(task, sft_cfg, train_cfg):
                              if ckpt.get("stage") == "gpt" else sft_defaults())
     else:
         model_cfg, defaults, data_cfg = gpt.pretrain_defaults()
-        model, ckpt = train.load_stage(os.path.join(train_cfg.out_dir, "gpt.pt"), "gpt", lambda: gpt.pretrain_and_report(
-            model_cfg, train.inherit(defaults, train_cfg), data_cfg), gpt.model_from_checkpoint, device,
-            defaults=gpt.pretrain_defaults())
+        pretrain = lambda: gpt.pretrain_and_report(  # noqa: E731
+            model_cfg, train.inherit(defaults, train_cfg), data_cfg)
+        model, ckpt = train.load_stage(os.path.join(train_cfg.out_dir, "gpt.pt"), "gpt", pretrain,
+                                       gpt.model_from_checkpoint, device, defaults=gpt.pretrain_defaults())
     before = evaluate_policy(model, task)
     model, m = finetune(model, task, sft_cfg, train_cfg, {ckpt.get("stage", "init"): train.provenance(ckpt)})
     m["before"] = before
@@ -813,8 +814,8 @@ def seed_sweep(task, sft_cfg, train_cfg):
     Seeds stand in for another machine: where the float rounding of another CPU moves a run, so do they."""
     base = os.path.join(train_cfg.out_dir, "gpt.pt")
     model_cfg, defaults, data_cfg = gpt.pretrain_defaults()
-    train.load_stage(base, "gpt", lambda: gpt.pretrain_and_report(model_cfg, train.inherit(defaults, train_cfg), data_cfg),
-                     gpt.model_from_checkpoint, defaults=gpt.pretrain_defaults())
+    pretrain = lambda: gpt.pretrain_and_report(model_cfg, train.inherit(defaults, train_cfg), data_cfg)  # noqa: E731
+    train.load_stage(base, "gpt", pretrain, gpt.model_from_checkpoint, defaults=gpt.pretrain_defaults())
     runs = {}
     for seed in sft_cfg.seed_list():
         _, runs[seed] = train_sft(task, dataclasses.replace(sft_cfg, init=base, seeds=""), dataclasses.replace(

@@ -3282,7 +3282,8 @@ def test_compare_runs_every_method_once_then_only_redraws(tmp_path, corpus, caps
     for key, title, _, stage, *_ in compare.METHODS:
         m = json.loads((runs[key] / f"{stage}_metrics.json").read_text())
         after = m["after"] if key != "control" else m
-        assert table[title]["sample_accuracy"] == [after["sample_accuracy"]] and title in (out / "compare.md").read_text()
+        assert table[title]["sample_accuracy"] == [after["sample_accuracy"]]
+        assert title in (out / "compare.md").read_text()
     sft_m = json.loads((chain / "sft_metrics.json").read_text())
     assert table["SFT (start)"]["accuracy"] == [sft_m["accuracy"]]
     pictures = ["accuracy_vs_seconds.png", "reward_vs_kl.png", "pretraining_and_sft.png"]
@@ -3306,7 +3307,8 @@ def test_compare_runs_every_method_once_then_only_redraws(tmp_path, corpus, caps
 @pytest.mark.parametrize("flags, words", [(["--seeds", "1,1"], ["--seeds", "distinct"]),
                                           (["--methods", "dpo,sft2"], ["no method sft2"]),
                                           (["--extra", "train.py: --lr 1"], ["--extra", "SCRIPT"]),
-                                          (["--seconds", "0"], ["--seconds"]), (["--jobs", "0"], ["--jobs"])])
+                                          (["--seconds", "0"], ["--seconds"]), (["--jobs", "0"], ["--jobs"]),
+                                          (["--task", "nope"], ["--task nope", "add, sort"])])
 def test_compare_bad_flags_are_one_line(tmp_path, capsys, flags, words):
     code, err = main_in_process(compare, ["--out_dir", str(tmp_path / "out"), *flags], capsys)
     assert_one_error_line(code, err, 2, words)
