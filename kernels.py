@@ -586,7 +586,7 @@ def _fall_back(q, k, causal, error):
     why = f"the Triton kernel failed ({what}): {_first_line(error)}"
     _failed[_kernel_class(q, k, causal)] = why
     _announced.add(("attention", "sdpa"))  # this line is the SDPA path's announcement
-    print(f"[kernels] attention path: sdpa ({why})")
+    print(f"[kernels] attention path: sdpa ({why})", file=sys.stderr)
 
 
 def attention(q, k, v, causal=True, mask=None, scale=None, dropout_p=0.0):

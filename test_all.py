@@ -647,7 +647,7 @@ def test_dispatch_falls_back_to_sdpa_with_one_line_when_the_forward_fails(monkey
     assert kernels.select_path(q, k, v) == ("triton", "auto")
     monkeypatch.setattr(kernels, "_flash_forward", _kernel_fails)
     outs = [kernels.attention(q, k, v) for _ in range(3)]
-    lines = capsys.readouterr().out.splitlines()
+    lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1 and "sdpa" in lines[0] and "failed" in lines[0] and "too much shared data" in lines[0]
     assert "second line" not in lines[0]
     assert kernels.select_path(q, k, v)[0] == "sdpa"  # that class of calls no longer tries the kernel
@@ -665,7 +665,7 @@ def test_dispatch_backward_failure_recomputes_gradients_with_sdpa(monkeypatch, c
     q, k, v, do = _dispatch_inputs()
     monkeypatch.setattr(kernels, "_flash_backward", _kernel_fails)
     ours = output_and_grads(kernels.attention, q, k, v, do)
-    lines = capsys.readouterr().out.splitlines()
+    lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 2 and "path: triton" in lines[0] and "failed" in lines[1] and "sdpa" in lines[1]
     ref = reference_and_grads(q, k, v, do)
     for name, a, b in zip(("O", "dQ", "dK", "dV"), ours, ref):
