@@ -7,20 +7,25 @@ seeds and margins that hold across seeds. Nothing writes into the user's out/ di
 scripts run with --device cpu and DDP over gloo, so the suite passes on a GPU machine too; there
 the kernel tests run on the GPU, here in Triton's CPU interpreter.
 
-Contents, one section per source file in the README's order, the whole chain last:
+Contents, one section per source file in the layer order (`grep -n "^# [0-9]*\. " test_all.py`), then the
+failure paths and the whole chain:
   0. the files: imports point down the layers; one helper for per-step random streams
-  1. gpt.py: tokenizer and config; the model; the switches (mixture of experts, post-norm and parallel
-     blocks, linear attention, prefix LM, logit scaling); KV cache and generation; sequence log-probs;
-     the training loop, checkpoints and resume; the script and DDP
-  2. kernels.py: flash attention against the reference, the dispatch, FP8
-  3. sft.py: the task, the SFT loss, LoRA, QLoRA, adapters, the script
-  4. reward.py: the labeller, the losses, the reward model, latent pooling, the script
-  5. ppo.py: GAE, the clipped surrogate, the baseline, rollouts, the bandit optimum, the script
-  6. dpo.py: the DPO family on a bandit, the RPO term, the collapse diagnostics, the script, DDP
-  7. gpro.py: GPRO on a bandit; GRPO's advantages, aggregations, clip and loop against their formulas; the script
-  8. diffusion_toy.py: every sampler's variance against its closed form, the script
-  9. off the happy path: every bad value and failure ends in one line, nothing trained is lost
- 10. the whole chain from an empty out_dir
+  1. train.py: flags, checkpoints, the training loop, learning curves and exact resume, locks, random states
+  2. kernels.py: flash attention against the reference, the dispatch, FP8, the command line
+  3. gpt.py: tokenizer and config; the model; the switches (mixture of experts, post-norm and parallel blocks,
+     linear attention, prefix LM, logit scaling); KV cache, sampling and generation; sequence log-probs; the
+     Hugging Face export; the script and DDP
+  4. sft.py: the Task interface, addition and sorting, the SFT loss, LoRA, QLoRA, adapters, sampling and export
+     from a checkpoint, the script
+  5. reward.py: the labeller, the comparisons, the losses, the reward model, latent pooling, the script
+  6. ppo.py: GAE, the clipped surrogate, the baseline, rollouts, the bandit optimum, the script
+  7. dpo.py: the DPO family on a bandit, IPO per token, the RPO term, the collapse diagnostics, the script, DDP
+  8. gpro.py: GPRO on a bandit; GRPO's, RLOO's and GSPO's advantages, ratios, aggregations and clip against
+     their formulas; the script
+  9. compare.py: one tiny comparison, its tables from the runs' metrics, the redraw, without matplotlib
+ 10. diffusion_toy.py: every sampler's variance against its closed form, the script
+ 11. off the happy path: every bad value and failure ends in one line, nothing trained is lost
+ 12. the whole chain from an empty out_dir, and a task defined in the test
 """
 import ast
 import copy
@@ -3616,10 +3621,6 @@ def test_diffusion_main_end_to_end(tmp_path, capsys):
 
 # =============================================================================================
 # 11. Off the happy path: every bad value and failure ends in one line that says what to do, exit status 2
-# (130 for Ctrl-C, 0 for --resume of a finished run), no traceback, and nothing trained is lost
-
-
-# 10. Off the happy path: every bad value and failure ends in one line that says what to do, exit status 2
 # (130 for Ctrl-C, 143 for SIGTERM, 0 for --resume of a finished run), no traceback, and nothing trained is lost
 
 def assert_one_error_line(code, err, status, words):
