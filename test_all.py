@@ -7,7 +7,7 @@ seeds and margins that hold across seeds. Nothing writes into the user's out/ di
 scripts run with --device cpu and DDP over gloo, so the suite passes on a GPU machine too; there
 the kernel tests run on the GPU, here in Triton's CPU interpreter.
 
-Contents, one section per source file in the layer order (`grep -n "^# [0-9]*\. " test_all.py`), then the
+Contents, one section per source file in the layer order (`grep -n "^# [0-9]" test_all.py`), then the
 failure paths and the whole chain:
   0. the files: imports point down the layers; one helper for per-step random streams
   1. train.py: flags, checkpoints, the training loop, learning curves and exact resume, locks, random states
