@@ -3955,18 +3955,27 @@ def test_an_error_under_torchrun_is_one_line_from_rank_0(tmp_path, corpus):
 # =============================================================================================
 # 12. The whole chain from an empty out_dir
 
+def tiny_stage_defaults(monkeypatch, corpus, max_steps, n_pairs, n_eval):
+    """Every earlier stage's defaults made tiny, as a later stage trains them when their checkpoints are missing;
+    returns the model config."""
+    tiny_train = dict(batch_size=4, max_steps=max_steps, eval_interval=2, eval_batches=2, warmup_steps=1,
+                      weight_decay=0.0)
+    model_cfg = GPTConfig(block_size=32, n_layer=2, n_embd=32, n_head=4, n_kv_head=2)
+    monkeypatch.setattr(gpt, "pretrain_defaults", lambda: (model_cfg, TrainConfig(**tiny_train),
+                                                           gpt.DataConfig(data=corpus, sample_tokens=4)))
+    monkeypatch.setattr(sft, "sft_defaults", lambda: (sft.TaskConfig(), sft.SFTConfig(), TrainConfig(**tiny_train)))
+    monkeypatch.setattr(reward, "reward_defaults", lambda: (
+        sft.TaskConfig(), reward.PrefConfig(n_pairs=n_pairs, n_eval=n_eval), reward.RewardConfig(),
+        TrainConfig(**tiny_train)))
+    return model_cfg
+
+
 def test_whole_chain_from_an_empty_out_dir(tmp_path, monkeypatch, corpus):
     """`python ppo.py` on a fresh clone trains every earlier stage it needs (pretraining, SFT, the reward model),
     each with its own defaults (tiny here) plus the settings that carry over (the task, seed, device), and each
     leaves what it leaves when run directly: its metrics file and a finished checkpoint that records what it
     was built from."""
-    tiny_train = dict(batch_size=4, max_steps=4, eval_interval=2, eval_batches=2, warmup_steps=1, weight_decay=0.0)
-    model_cfg = GPTConfig(block_size=32, n_layer=2, n_embd=32, n_head=4, n_kv_head=2)
-    monkeypatch.setattr(gpt, "pretrain_defaults", lambda: (model_cfg, TrainConfig(**tiny_train),
-                                                           gpt.DataConfig(data=corpus, sample_tokens=4)))
-    monkeypatch.setattr(sft, "sft_defaults", lambda: (sft.TaskConfig(), sft.SFTConfig(), TrainConfig(**tiny_train)))
-    monkeypatch.setattr(reward, "reward_defaults", lambda: (sft.TaskConfig(), reward.PrefConfig(n_pairs=12, n_eval=8),
-                                                            reward.RewardConfig(), TrainConfig(**tiny_train)))
+    model_cfg = tiny_stage_defaults(monkeypatch, corpus, max_steps=4, n_pairs=12, n_eval=8)
     task = sft.TaskConfig(digits=2, heldout=8).build()
     cfg = TrainConfig(max_steps=4, batch_size=4, eval_interval=4, seed=7, device="cpu", out_dir=str(tmp_path))
     ppo.train_ppo(task, ppo.PPOConfig(), cfg)
@@ -4017,13 +4026,7 @@ def test_a_task_defined_here_runs_every_stage(tmp_path, monkeypatch, corpus, cap
     model and with r*) from an empty out_dir, each checkpoint recording it; a stage run on addition then refuses
     them, naming task.name."""
     monkeypatch.setitem(sft.TASKS, "copy", Copy)
-    tiny_train = dict(batch_size=4, max_steps=2, eval_interval=2, eval_batches=2, warmup_steps=1, weight_decay=0.0)
-    model_cfg = GPTConfig(block_size=32, n_layer=2, n_embd=32, n_head=4, n_kv_head=2)
-    monkeypatch.setattr(gpt, "pretrain_defaults", lambda: (model_cfg, TrainConfig(**tiny_train),
-                                                           gpt.DataConfig(data=corpus, sample_tokens=4)))
-    monkeypatch.setattr(sft, "sft_defaults", lambda: (sft.TaskConfig(), sft.SFTConfig(), TrainConfig(**tiny_train)))
-    monkeypatch.setattr(reward, "reward_defaults", lambda: (sft.TaskConfig(), reward.PrefConfig(n_pairs=8, n_eval=4),
-                                                            reward.RewardConfig(), TrainConfig(**tiny_train)))
+    tiny_stage_defaults(monkeypatch, corpus, max_steps=2, n_pairs=8, n_eval=4)
     flags = ["--task", "copy", "--heldout", "8", "--out_dir", str(tmp_path), "--max_steps", "2", "--eval_interval",
              "2", "--batch_size", "4", *CPU]
     runs = [(dpo, ["--n_pairs", "8", "--n_eval", "4"]), (gpro, ["--k", "2"]), (gpro, ["--algo", "grpo", "--k", "2"]),
