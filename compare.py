@@ -139,11 +139,12 @@ def plan(cfg):
     for seed in cfg.seed_list():
         chain = os.path.join(cfg.root, f"chain_{seed}")
         s = ["--seed", str(seed)]
+        t = s + (["--task", cfg.task] if cfg.task else [])  # every stage after pretraining, which knows no task
         runs += [Run(f"{seed}/gpt", f"chain {seed}: pretraining", "gpt.py", "gpt", chain,
                      [*s, "--eval_interval", "100"]),
-                 Run(f"{seed}/sft", f"chain {seed}: SFT", "sft.py", "sft", chain, [*s, "--eval_interval", "250"],
+                 Run(f"{seed}/sft", f"chain {seed}: SFT", "sft.py", "sft", chain, [*t, "--eval_interval", "250"],
                      after=(f"{seed}/gpt",)),
-                 Run(f"{seed}/reward", f"chain {seed}: reward model", "reward.py", "reward", chain, s,
+                 Run(f"{seed}/reward", f"chain {seed}: reward model", "reward.py", "reward", chain, t,
                      after=(f"{seed}/sft",))]
         budget = ["--max_seconds", f"{cfg.budget():g}", "--max_steps", "1000000"]
         for key, title, script, stage, flags, every in METHODS:
@@ -155,7 +156,7 @@ def plan(cfg):
             else:
                 extra, links, after = [], ("gpt.pt", "sft.pt", "reward.pt"), (f"{seed}/reward",)
             runs.append(Run(f"{seed}/{key}", f"chain {seed}: {title}", script, stage, out,
-                            [*s, *budget, "--eval_interval", str(every), *extra, *flags], after, links))
+                            [*t, *budget, "--eval_interval", str(every), *extra, *flags], after, links))
     for run in runs:
         run.flags += cfg.extra_flags(run.script)
     return runs
@@ -173,7 +174,7 @@ def link_chain(run):
 def execute(runs, cfg):
     """Run what has not finished, cfg.jobs at a time, each when the runs it needs are done. Returns the runs that
     failed (each has said so in one line, with its log)."""
-    common = ["--device", cfg.device] + (["--task", cfg.task] if cfg.task else [])
+    common = ["--device", cfg.device]
     threads = str(max(1, (os.cpu_count() or 1) // cfg.jobs))
     env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     todo = [r for r in runs if not os.path.exists(r.metrics_path())]
@@ -220,6 +221,12 @@ def execute(runs, cfg):
 # The tables
 
 FIGURES = ("sample_accuracy", "accuracy", "true_reward", "kl")
+# the chains' own figures: (stage, what, metrics key, a percentage?)
+CHAIN_FIGURES = [("gpt", "validation bits per byte", "val_bpb", False),
+                 ("sft", "greedy held-out accuracy", "accuracy", True),
+                 ("sft", "sampled held-out accuracy", "sample_accuracy", True),
+                 ("reward", "pairwise accuracy on held-out comparisons", "pairwise_accuracy", True),
+                 ("reward", "noise ceiling of those labels", "noise_ceiling", True)]
 
 
 def read_metrics(runs):
@@ -232,9 +239,26 @@ def after_figures(m):
     return m.get("after", m)
 
 
+def averaged_chains(cfg, metrics):
+    """(the chains the means cover, a sentence on those left out). A chain whose SFT model ended short of its
+    plateau (greedy held-out accuracy under sft.LEARNT, where sft.py warns) is left out: every method of it starts
+    from a model that has not learnt the task, so it measures that, not the method. Its runs stay in each chain's
+    table. When no chain learnt the task (a tiny test), the means cover them all."""
+    done = [s for s in cfg.seed_list() if f"{s}/sft" in metrics]
+    short = [s for s in done if metrics[f"{s}/sft"]["accuracy"] < sft.LEARNT]
+    if not short or len(short) == len(done):
+        return done, "" if not short else (f"no chain's SFT model reached {sft.LEARNT:.0%} greedy (where sft.py "
+                                          "warns that it has not learnt the task); the means cover them all")
+    said = ", ".join(f"chain {s} (SFT {100 * metrics[f'{s}/sft']['accuracy']:.1f}% greedy)" for s in short)
+    return [s for s in done if s not in short], (f"left out of the means: {said}, short of the plateau "
+                                                 f"({sft.LEARNT:.0%}, where sft.py warns): every method starts "
+                                                 "from a model that has not learnt the task; its runs are in the "
+                                                 "table of each chain")
+
+
 def summarise(cfg, metrics):
-    """{method: {figure: [per-chain values]}}, the chains' SFT models as the first row."""
-    seeds = [s for s in cfg.seed_list() if f"{s}/sft" in metrics]
+    """{method: {figure: [per-chain values]}} over the chains the means cover, their SFT models as the first row."""
+    seeds, _ = averaged_chains(cfg, metrics)
     rows = {"SFT (start)": {f: [metrics[f"{s}/sft"].get(f) for s in seeds] for f in FIGURES}}
     rows["SFT (start)"]["kl"] = [0.0] * len(seeds)
     for key, title, *_ in METHODS:
@@ -257,12 +281,19 @@ def tables(cfg, metrics):
     """compare.md: the mean (range) table, then every chain's figures with their 95% intervals and steps."""
     seeds = cfg.seed_list()
     rows = summarise(cfg, metrics)
+    averaged, left_out = averaged_chains(cfg, metrics)
     head = (f"{cfg.budget():g} s of training each, {len(seeds)} chain(s) (seeds {', '.join(map(str, seeds))}); "
-            f"held-out prompts; mean (range) over the chains\n\n")
+            f"held-out prompts; mean (range) over chains {', '.join(map(str, averaged))}"
+            + (f"; {left_out}" if left_out else "") + "\n\n")
     lines = [f"| {cfg.budget():g} s of training | sampled | greedy | r* | KL to SFT |", "|---|---:|---:|---:|---:|"]
     for title, figs in rows.items():
         lines.append(f"| {title} | {mean_range(figs['sample_accuracy'], True)} | {mean_range(figs['accuracy'], True)}"
                      f" | {mean_range(figs['true_reward'], False)} | {mean_range(figs['kl'], False)} |")
+    chains = ["", "The chains (each stage's defaults with --seed S): mean (range)", "",
+              "| stage | figure | mean (range) |", "|---|---|---:|"]
+    for stage, label, key, percent in CHAIN_FIGURES:
+        values = [metrics[f"{s}/{stage}"].get(key) for s in seeds if f"{s}/{stage}" in metrics]
+        chains.append(f"| {stage}.py | {label} | {mean_range(values, percent)} |")
     per_chain = ["", "Each chain: sampled [95% CI] / greedy / r* / KL (steps)", "",
                  "| method | " + " | ".join(f"chain {s}" for s in seeds) + " |", "|---|" + "---|" * len(seeds)]
     for key, title, *_ in [("sft", "SFT (start)")] + METHODS:
@@ -278,7 +309,7 @@ def tables(cfg, metrics):
             cells.append(f"{100 * a['sample_accuracy']:.1f} [{100 * low:.1f}, {100 * high:.1f}] / "
                          f"{100 * a['accuracy']:.1f} / {a['true_reward']:.3f} / {kl} ({m.get('steps', '-')})")
         per_chain.append(f"| {title} | " + " | ".join(cells) + " |")
-    return head + "\n".join(lines + per_chain) + "\n", rows
+    return head + "\n".join(lines + chains + per_chain) + "\n", rows
 
 
 # ----------------------------------------------------------------------------------------------
@@ -294,7 +325,7 @@ def draw(cfg, metrics, runs):
         print("pictures: matplotlib is not installed; `pip install matplotlib` and run again to draw them "
               "(nothing is trained again)")
         return []
-    seeds = cfg.seed_list()
+    seeds, averaged = cfg.seed_list(), averaged_chains(cfg, metrics)[0]  # (3) shows every chain, (1) and (2) these
     colours = {title: plt.cm.tab10(i % 10) for i, (_, title, *_) in enumerate(METHODS)}
     written = []
 
@@ -319,7 +350,7 @@ def draw(cfg, metrics, runs):
     grid = [cfg.budget() * i / 50 for i in range(51)]
     for key, title, *_ in METHODS:
         per_chain = []
-        for s in seeds:
+        for s in averaged:
             xs, ys = curve(key, s, "train_seconds", "sample_accuracy")
             if len(xs) > 1:
                 per_chain.append([100 * interpolate(xs, ys, t) for t in grid])
@@ -332,8 +363,8 @@ def draw(cfg, metrics, runs):
             ax.fill_between(grid, [min(c) for c in zip(*per_chain)], [max(c) for c in zip(*per_chain)],
                             color=colours[title], alpha=0.15)
     ax.set(xlabel="training seconds", ylabel="sampled held-out accuracy (%)",
-           title=f"Every method from the SFT model, {len(seeds)} chain(s)" + (", range shaded" if len(seeds) > 1
-                                                                                 else ""))
+           title=f"Every method from the SFT model, chains {', '.join(map(str, averaged))}"
+                 + (", range shaded" if len(averaged) > 1 else ""))
     ax.legend(fontsize=8, loc="lower right")
     ax.grid(alpha=0.3)
     save(fig, "accuracy_vs_seconds.png")
@@ -343,7 +374,7 @@ def draw(cfg, metrics, runs):
     for key, title, *_ in METHODS:
         if key == CONTROL:  # the control's KL is not measured
             continue
-        for i, s in enumerate(seeds):
+        for i, s in enumerate(averaged):
             xs, ys = curve(key, s, "kl", "true_reward")
             if len(xs) > 1:
                 ax.plot(xs, ys, "-", color=colours[title], alpha=0.6, label=title if i == 0 else None)
@@ -396,7 +427,9 @@ def main(argv=None):
     train.atomic_write(os.path.join(cfg.root, "compare.md"), lambda tmp: open(tmp, "w").write(text))
     print("\n" + text)
     pictures = draw(cfg, metrics, runs)
-    train.write_metrics("compare", {"seconds": cfg.budget(), "seeds": cfg.seed_list(), "methods": rows,
+    averaged, left_out = averaged_chains(cfg, metrics)
+    train.write_metrics("compare", {"seconds": cfg.budget(), "seeds": cfg.seed_list(), "averaged": averaged,
+                                    "left_out": left_out, "methods": rows,
                                     "failed": sorted(failed), "pictures": pictures}, cfg.root)
     train.check(not failed, f"{len(failed)} run(s) failed or were skipped: {', '.join(sorted(failed))}; their "
                 "logs say why. Run the same command again to retry them (finished runs are kept)")

@@ -3291,6 +3291,10 @@ def test_compare_runs_every_method_once_then_only_redraws(tmp_path, corpus, caps
         assert title in (out / "compare.md").read_text()
     sft_m = json.loads((chain / "sft_metrics.json").read_text())
     assert table["SFT (start)"]["accuracy"] == [sft_m["accuracy"]]
+    gpt_m, reward_m = (json.loads((chain / f"{s}_metrics.json").read_text()) for s in ("gpt", "reward"))
+    assert f"| gpt.py | validation bits per byte | {gpt_m['val_bpb']:.3f} |" in (out / "compare.md").read_text()
+    assert f"| pairwise accuracy on held-out comparisons | {100 * reward_m['pairwise_accuracy']:.1f} |" in (
+        out / "compare.md").read_text()
     pictures = ["accuracy_vs_seconds.png", "reward_vs_kl.png", "pretraining_and_sft.png"]
     assert all((out / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pictures)
     # run again: nothing trains, the tables and pictures are drawn anew from the same metrics
@@ -3307,6 +3311,38 @@ def test_compare_runs_every_method_once_then_only_redraws(tmp_path, corpus, caps
     said = capsys.readouterr().out
     assert "pip install matplotlib" in said and "| PPO, r* |" in said
     assert not any((out / p).exists() for p in pictures) and (out / "compare.md").exists()
+
+
+def test_compare_means_leave_out_a_chain_whose_sft_did_not_learn_the_task():
+    """A chain whose SFT model ended under sft.LEARNT greedy is named and left out of the mean, kept per chain."""
+    def figures(sampled, greedy):
+        return {"sample_accuracy": sampled, "accuracy": greedy, "true_reward": 0.5, "kl": 0.25,
+                "sample_accuracy_ci": [sampled - 0.01, sampled + 0.01], "steps": 7}
+    metrics = {"1/sft": figures(0.60, 0.95), "2/sft": figures(0.06, 0.04), "3/sft": figures(0.70, 0.90),
+               "1/dpo": {"after": figures(0.90, 0.99)}, "2/dpo": {"after": figures(0.10, 0.08)},
+               "3/dpo": {"after": figures(0.96, 1.0)}}
+    cfg = compare.CompareConfig(seeds="1,2,3", methods="dpo")
+    assert compare.averaged_chains(cfg, metrics)[0] == [1, 3]
+    text, rows = compare.tables(cfg, metrics)
+    assert rows["DPO, beta 0.5 + RPO"]["sample_accuracy"] == [0.90, 0.96]
+    assert "| DPO, beta 0.5 + RPO | 93.0 (90.0-96.0) | 99.5 (99.0-100.0) |" in text
+    assert "chain 2 (SFT 4.0% greedy)" in text and "10.0 [9.0, 11.0] / 8.0" in text  # named, and kept per chain
+    everyone_short = {k: {**v, "accuracy": 0.5} if k.endswith("sft") else v for k, v in metrics.items()}
+    assert compare.averaged_chains(cfg, everyone_short)[0] == [1, 2, 3]
+
+
+def test_compare_task_reaches_every_stage_after_pretraining(tmp_path, corpus):
+    """--task sort: pretraining knows no task (gpt.py has no --task); SFT, the reward model and every method train on
+    sorting, as their checkpoints record, under the task's own defaults (6 digits)."""
+    out = tmp_path / "cmp"
+    r = run_script(["compare.py", "--quick", "--task", "sort", "--methods", "control,dpo", "--out_dir", str(out),
+                    "--device", "cpu", "--extra", f"gpt.py: --data {corpus}; " + TINY_COMPARE], cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    chain = out / "sort" / "chain_1337"
+    for path in (chain / "sft.pt", chain / "reward.pt", chain / "control_20s" / "sft.pt", chain / "dpo_20s" / "dpo.pt"):
+        assert train.load_checkpoint(str(path))["task"] == {"name": "sort", "digits": 6, "slip": 0.4}, path
+    assert "task" not in train.load_checkpoint(str(chain / "gpt.pt"))
+    assert sorted(p.name for p in chain.iterdir() if p.is_dir()) == ["control_20s", "dpo_20s"]
 
 
 @pytest.mark.parametrize("flags, words", [(["--seeds", "1,1"], ["--seeds", "distinct"]),
