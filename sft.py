@@ -508,9 +508,9 @@ class NF4Linear(nn.Module):
         return linear_with(self.weight, self.bias)
 
 
-def apply_lora(model, rank, alpha, targets="qv", quantize=False):
-    """Freeze the model and wrap the query and value projections (targets="qv", the notes' default)
-    or every linear layer of the blocks (targets="all") in LoRALinear. quantize=True is QLoRA: every
+def apply_lora(model, rank, alpha, targets="all", quantize=False):
+    """Freeze the model and wrap every linear layer of the blocks (targets="all") or only the query and value
+    projections (targets="qv", the notes' and Hu et al.'s choice) in LoRALinear. quantize=True is QLoRA: every
     linear layer of the blocks is first stored in NF4, LoRA (in fp32) on top. Returns the model."""
     model.requires_grad_(False)
     names = ("q_proj", "v_proj") if targets == "qv" else None
@@ -609,6 +609,10 @@ def wrap_peft(model, sft_cfg):
         apply_adapters(model, sft_cfg.adapter_dim)
     if sft_cfg.template_tokens and (sft_cfg.lora_rank or sft_cfg.adapter_dim):
         train_template_tokens(model)
+    if getattr(sft_cfg, "norms", False) and (sft_cfg.lora_rank or sft_cfg.adapter_dim):  # older checkpoints: off
+        for m in model.modules():
+            if isinstance(m, (gpt.RMSNorm, nn.LayerNorm)):
+                m.requires_grad_(True)
     return model
 
 
@@ -620,11 +624,15 @@ class SFTConfig:
     init: str = arg("", "checkpoint to start from; empty = out_dir/gpt.pt (pretrained first if missing)")
     lora_rank: int = arg(0, "LoRA rank r (0 = fine-tune all weights)")
     lora_alpha: float = arg(16.0, "LoRA scaling alpha: the update is (alpha / r) B A")
-    lora_targets: str = arg("qv", "qv (query and value projections) | all (every linear layer)")
+    lora_targets: str = arg("all", "all (every linear layer of the blocks, as QLoRA found necessary to match full "
+                                   "fine-tuning) | qv (query and value projections only, Hu et al.'s choice: it does "
+                                   "not learn this task, RESULTS.md)")
     qlora: bool = arg(False, "QLoRA: the frozen linear weights of the blocks in 4-bit NF4 (needs --lora_rank)")
     adapter_dim: int = arg(0, "adapter bottleneck width (0 = off); saved as out_dir/sft_adapter.pt, not sft.pt")
     template_tokens: bool = arg(True, "with LoRA, QLoRA or adapters, also train the embedding rows of <sep> and "
                                       "<eos>, which pretraining never saw (without them a frozen model barely learns)")
+    norms: bool = arg(True, "with LoRA, QLoRA or adapters, also train the normalisation gains (n_embd each): "
+                            "frozen, they bound how sharp the output distribution can become (RESULTS.md)")
     prefix_lm: bool = arg(False, "fine-tune as a prefix LM: the prompt up to and including <sep> attends "
                                  "bidirectionally (notes 8.4); recorded in the checkpoint's config")
     seeds: str = arg("", "a benchmark instead of one run: fine-tune once per seed of this comma-separated list, "
@@ -653,7 +661,7 @@ class SFTConfig:
 
     def method(self):
         """A short description of what trains."""
-        tokens = " + <sep>, <eos> rows" if self.template_tokens else ""  # full fine-tuning trains them anyway
+        tokens = (" + <sep>, <eos> rows" if self.template_tokens else "") + (" + norm gains" if self.norms else "")
         if self.adapter_dim:
             return f"adapters of width {self.adapter_dim} after each attention and FFN{tokens}"
         if self.lora_rank:

@@ -1706,7 +1706,7 @@ def test_lora_starts_at_base_trains_only_a_b_and_merges_exactly():
     model = seeded_model()
     x = torch.randint(0, 256, (2, 12))
     base = model(x).detach()
-    sft.apply_lora(model, rank=4, alpha=8)
+    sft.apply_lora(model, rank=4, alpha=8, targets="qv")
     assert torch.allclose(model(x), base, atol=1e-6)  # B = 0: W = W_0
     lm_loss(model(x[:, :-1]), x[:, 1:]).backward()
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -1934,7 +1934,7 @@ def test_template_token_rows_start_at_base_train_alone_and_merge_into_the_table(
     model = seeded_model(tie_embeddings=tie)
     ids = torch.tensor([[gpt.BOS, 49, 50, gpt.SEP, 51, gpt.EOS, 52, gpt.SEP]])
     base = model(ids).detach()
-    sft.train_template_tokens(sft.apply_lora(model, rank=2, alpha=2))
+    sft.train_template_tokens(sft.apply_lora(model, rank=2, alpha=2, targets="qv"))
     assert torch.allclose(model(ids), base, atol=1e-6)  # delta = 0
     lm_loss(model(ids[:, :-1]), ids[:, 1:]).backward()
     deltas = {n for n, p in model.named_parameters() if p.requires_grad and not n.endswith((".A", ".B"))}
@@ -1963,6 +1963,27 @@ def test_template_token_rows_start_at_base_train_alone_and_merge_into_the_table(
     assert changed.tolist() == sorted([gpt.EOS, gpt.SEP])
 
 
+@pytest.mark.parametrize("cfg, gains_train", [(dict(lora_rank=2), True), (dict(lora_rank=2, norms=False), False),
+                                              (dict(adapter_dim=4), True), (dict(lora_rank=2, qlora=True), True)])
+def test_peft_trains_the_norm_gains_unless_told_not_to_and_still_starts_at_the_base(cfg, gains_train):
+    model, ids = seeded_model(), torch.randint(0, 256, (2, 10))
+    base = model(ids).detach()
+    gains = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, gpt.RMSNorm)}
+    assert len(gains) == 2 * model.cfg.n_layer + 1  # two per block and the final one
+    sft.wrap_peft(model, sft.SFTConfig(**cfg))
+    quantised = cfg.get("qlora", False)  # QLoRA starts at the dequantised base
+    assert torch.allclose(model(ids), base, atol=0.5 if quantised else 1e-6)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert (gains <= trainable) == gains_train and (gains & trainable == set()) != gains_train
+    if cfg.get("lora_rank") and not quantised:  # the gains moved, B moved: merging still changes no logit
+        with torch.no_grad():
+            for n in trainable:
+                model.get_parameter(n).add_(torch.randn_like(model.get_parameter(n)) * 0.1)
+        out = model(ids)
+        sft.merge_lora(model)
+        assert torch.allclose(model(ids), out, atol=1e-5) and not torch.allclose(out, base, atol=1e-3)
+
+
 def test_sft_config_validation_for_peft():
     with pytest.raises(UserError, match="--lora_rank"):
         sft.SFTConfig(qlora=True)
@@ -1988,7 +2009,8 @@ def test_finetune_saves_qlora_merged_and_adapters_beside_sft_pt(tmp_path):
     assert 4 < m["linear_weight_bits"] < 4.3 and 0 < m["nf4_relative_error"] < 0.2 and m["nf4_mean_abs_error"] > 0
     assert m["trainable_params"] == 2 * sum(2 * (i + o) for i, o in  # rank 2 on 7 layers per block
                                             [(32, 32), (32, 16), (32, 16), (32, 32), (32, 96), (32, 96), (96, 32)]
-                                            ) + 2 * 32  # and the <sep>, <eos> rows (one delta: tied embeddings)
+                                            ) + 2 * 32 + (2 * 2 + 1) * 32  # the <sep>, <eos> rows (one delta:
+    # tied embeddings) and the norm gains (two per block, the final one)
     # adapters: cannot merge, so they are saved apart, and sft.pt is not touched
     before = (tmp_path / "sft.pt").read_bytes()
     model, m = sft.finetune(seeded_model(), task, sft.SFTConfig(adapter_dim=4, template_tokens=True), train_cfg)
