@@ -13,11 +13,11 @@ instead, and a new task is a subclass of Task registered in TASKS (README: "Your
 Chat template: <bos> prompt <sep> response <eos>, right-padded with <pad> (distinct from <eos>).
 
 `python sft.py` fine-tunes out/gpt.pt (pretraining it first with gpt.py's defaults if missing)
-and saves out/sft.pt. Parameter-efficient fine-tuning (notes 10.4): `--lora_rank 8` trains a low-rank
-update instead of all weights, `--qlora` adds a frozen base stored in 4-bit NormalFloat, and
-`--adapter_dim 16` trains bottleneck adapters after each attention and FFN sublayer;
-with these the embedding rows of <sep> and <eos>, which pretraining never saw, train too
-(`--no-template_tokens` freezes them). `--prefix_lm` fine-tunes with a bidirectional prompt (notes 8.4).
+and saves out/sft.pt. Parameter-efficient fine-tuning (notes 10.4): `--lora_rank 16` trains a low-rank
+update of every linear layer instead of all weights, `--qlora` adds a frozen base stored in 4-bit NormalFloat,
+and `--adapter_dim 16` trains bottleneck adapters after each attention and FFN sublayer; with these the
+embedding rows of <sep> and <eos>, which pretraining never saw, and the normalisation gains train too
+(`--no-template_tokens`, `--no-norms` freeze them; RESULTS.md has why each is needed). `--prefix_lm` fine-tunes with a bidirectional prompt (notes 8.4).
 
 Using a trained model of any stage (section 4): `python sft.py --sample out/dpo.pt --prompt 123+456 --n 5` prints
 five answers with r* (no --prompt: a prompt per line of stdin); `python sft.py --export_hf out/sft.pt --export_dir
@@ -722,6 +722,7 @@ def finetune(model, task, sft_cfg, train_cfg, built_from=None):
         causal, model = model, gpt.GPT(dataclasses.replace(model.cfg, prefix_lm=True))
         model.load_state_dict(causal.state_dict())
     config = dataclasses.asdict(model.cfg)
+    torch.manual_seed(train_cfg.seed)  # LoRA's A, the adapters' down-projections: this run's seed, not the process's
     stats = apply_peft(model, sft_cfg)
     held = task.heldout_prompts()
     held_batch = pack(task, held, [gpt.encode(task.correct(p)) for p in held])  # correct responses

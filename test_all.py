@@ -1984,6 +1984,21 @@ def test_peft_trains_the_norm_gains_unless_told_not_to_and_still_starts_at_the_b
         assert torch.allclose(model(ids), out, atol=1e-5) and not torch.allclose(out, base, atol=1e-3)
 
 
+def test_peft_initialisation_follows_the_runs_seed_not_what_ran_before(tmp_path):
+    """LoRA's A is random: a sweep's runs (sft.py --seeds) must each get their own seed's, not the process's state."""
+    task, ids = sft.TaskConfig(heldout=4).build(), torch.randint(0, 256, (2, 10))
+
+    def run(name, seed, burn):
+        model = seeded_model()
+        torch.randn(burn)  # whatever this process drew before
+        cfg = train.TrainConfig(max_steps=1, batch_size=2, eval_interval=1, device="cpu", compile="off", seed=seed,
+                                out_dir=str(tmp_path / name), lr=1e-2)
+        return sft.finetune(model, task, sft.SFTConfig(lora_rank=2), cfg)[0](ids).detach()
+
+    first = run("a", 0, 1)
+    assert torch.equal(run("b", 0, 1000), first) and not torch.allclose(run("c", 1, 1), first, atol=1e-4)
+
+
 def test_sft_config_validation_for_peft():
     with pytest.raises(UserError, match="--lora_rank"):
         sft.SFTConfig(qlora=True)
