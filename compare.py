@@ -2,7 +2,7 @@
 compare.py: every alignment method for the same training time, over whole chains, with the SFT control beside
 them: the README's headline comparison as one command, its tables and its pictures.
 
-    python compare.py            3 chains (seeds 1337, 1, 2), 60 s of training per method
+    python compare.py            3 chains (seeds 1337, 1, 2), 60 s of training per method (33.5 min on 2 idle cores)
     python compare.py --quick    1 chain (seed 1337), 20 s per method: a first look (553 s on 2 idle cores)
 
 A chain is the stages' own scripts with their defaults and --seed S: gpt.py, then sft.py, then reward.py, into
@@ -15,7 +15,8 @@ chains run side by side too). A finished run is never run again (its metrics fil
 interrupted one resumes, so the command can be stopped and started again; once everything has run it only
 redraws.
 
-It writes out_dir/compare.md (the tables: mean and range over the chains, then each chain with 95% intervals),
+It writes out_dir/compare.md (the tables: mean and range over the chains whose SFT model learnt the task, the
+others named and why; the chains' own figures; then each chain with 95% intervals),
 compare_metrics.json, and with matplotlib (optional: `pip install matplotlib`) three pictures: sampled held-out
 accuracy against training seconds (accuracy_vs_seconds.png), r* against KL to the SFT model as each method
 trains (reward_vs_kl.png), and the pretraining and SFT curves (pretraining_and_sft.png).
