@@ -17,7 +17,8 @@ and saves out/sft.pt. Parameter-efficient fine-tuning (notes 10.4): `--lora_rank
 update of every linear layer instead of all weights, `--qlora` adds a frozen base stored in 4-bit NormalFloat,
 and `--adapter_dim 16` trains bottleneck adapters after each attention and FFN sublayer; with these the
 embedding rows of <sep> and <eos>, which pretraining never saw, and the normalisation gains train too
-(`--no-template_tokens`, `--no-norms` freeze them; RESULTS.md has why each is needed). `--prefix_lm` fine-tunes with a bidirectional prompt (notes 8.4).
+(`--no-template_tokens`, `--no-norms` freeze them; RESULTS.md has why each is needed). `--prefix_lm`
+fine-tunes with a bidirectional prompt (notes 8.4).
 
 Using a trained model of any stage (section 4): `python sft.py --sample out/dpo.pt --prompt 123+456 --n 5` prints
 five answers with r* (no --prompt: a prompt per line of stdin); `python sft.py --export_hf out/sft.pt --export_dir
