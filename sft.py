@@ -603,14 +603,16 @@ def apply_adapters(model, dim):
 
 def wrap_peft(model, sft_cfg):
     """Wrap `model` for the method of sft_cfg (an SFTConfig, or the settings a checkpoint records of one): LoRA or
-    QLoRA, or adapters, and the trainable rows of the template tokens. Returns the model."""
+    QLoRA, or adapters, the trainable rows of the template tokens and the normalisation gains. Returns the model."""
     if sft_cfg.lora_rank:
         apply_lora(model, sft_cfg.lora_rank, sft_cfg.lora_alpha, sft_cfg.lora_targets, sft_cfg.qlora)
     elif sft_cfg.adapter_dim:
         apply_adapters(model, sft_cfg.adapter_dim)
-    if sft_cfg.template_tokens and (sft_cfg.lora_rank or sft_cfg.adapter_dim):
+    else:
+        return model  # full fine-tuning: everything trains
+    if sft_cfg.template_tokens:
         train_template_tokens(model)
-    if getattr(sft_cfg, "norms", False) and (sft_cfg.lora_rank or sft_cfg.adapter_dim):  # older checkpoints: off
+    if getattr(sft_cfg, "norms", False):  # off in checkpoints from before the option
         for m in model.modules():
             if isinstance(m, (gpt.RMSNorm, nn.LayerNorm)):
                 m.requires_grad_(True)
