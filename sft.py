@@ -16,9 +16,9 @@ Chat template: <bos> prompt <sep> response <eos>, right-padded with <pad> (disti
 and saves out/sft.pt. Parameter-efficient fine-tuning (notes 10.4): `--lora_rank 16` trains a low-rank
 update of every linear layer instead of all weights, `--qlora` adds a frozen base stored in 4-bit NormalFloat,
 and `--adapter_dim 16` trains bottleneck adapters after each attention and FFN sublayer; with these the
-embedding rows of <sep> and <eos>, which pretraining never saw, and the normalisation gains train too
-(`--no-template_tokens`, `--no-norms` freeze them; RESULTS.md has why each is needed). `--prefix_lm`
-fine-tunes with a bidirectional prompt (notes 8.4).
+token table (`--tokens template`: only the rows of <sep> and <eos>, which pretraining never saw) and the
+normalisation gains train too (`--tokens none`, `--no-norms` freeze them; RESULTS.md has why each is needed).
+`--prefix_lm` fine-tunes with a bidirectional prompt (notes 8.4).
 
 Using a trained model of any stage (section 4): `python sft.py --sample out/dpo.pt --prompt 123+456 --n 5` prints
 five answers with r* (no --prompt: a prompt per line of stdin); `python sft.py --export_hf out/sft.pt --export_dir
@@ -426,9 +426,16 @@ class LoRALinear(nn.Module):
         self.base.requires_grad_(False)
         self.A = nn.Parameter(torch.randn(rank, base.in_features) / math.sqrt(base.in_features))
         self.B = nn.Parameter(torch.zeros(base.out_features, rank))  # so W = W_0 at the start
-        self.scale = alpha / rank
+        self.scale, self.rank = alpha / rank, rank
+        self.in_features, self.out_features = base.in_features, base.out_features
 
     def forward(self, x):
+        # Over forward and backward, for N tokens, the factored W_0 x + (alpha / r) B (A x) costs 3 N r (d_in + d_out)
+        # more than W_0 x alone, forming W_0 + (alpha / r) B A first costs N d_in d_out more (the formed weight's
+        # gradient, as in full fine-tuning): the same result, the cheaper one is taken. At this width, r = d / 4,
+        # the formed one; at LLM widths, r << d, the factored one.
+        if 3 * self.rank * (self.in_features + self.out_features) >= self.in_features * self.out_features:
+            return F.linear(x, self.base.weight + self.scale * self.B @ self.A, self.base.bias)
         return self.base(x) + (x @ self.A.t() @ self.B.t()) * self.scale
 
     @torch.no_grad()
@@ -470,6 +477,9 @@ class NF4Linear(nn.Module):
         self.in_features, self.out_features = base.in_features, base.out_features
         w = base.weight.detach().float()
         self.register_buffer("levels", nf4_levels().to(w.device), persistent=False)  # (16,)
+        # a byte's two levels, low code first: byte c -> (levels[c & 15], levels[c >> 4]), one lookup per byte
+        self.register_buffer("pairs", torch.stack([self.levels.repeat(16), self.levels.repeat_interleave(16)], 1),
+                             persistent=False)                                         # (256, 2)
         blocks = blockwise(w, NF4_BLOCK)                                               # (n_blocks, 64)
         absmax = blocks.abs().amax(1)                                                  # (n_blocks,) the scales s
         mid = (self.levels[1:] + self.levels[:-1]) / 2                                 # nearest level = bucket
@@ -492,8 +502,7 @@ class NF4Linear(nn.Module):
     @property
     def weight(self):
         """W_0 dequantised: level[code] * s, (out_features, in_features) fp32."""
-        codes = torch.stack([self.codes & 15, self.codes >> 4], 1).flatten().long()   # (n_blocks * 64,)
-        w = self.levels[codes].view(-1, NF4_BLOCK) * self.scales()[:, None]            # (n_blocks, 64)
+        w = self.pairs[self.codes.int()].view(-1, NF4_BLOCK) * self.scales()[:, None]  # (n_blocks, 64)
         return w.flatten()[:self.out_features * self.in_features].view(self.out_features, self.in_features)
 
     def forward(self, x):
@@ -610,7 +619,10 @@ def wrap_peft(model, sft_cfg):
         apply_adapters(model, sft_cfg.adapter_dim)
     else:
         return model  # full fine-tuning: everything trains
-    if sft_cfg.template_tokens:
+    if sft_cfg.tokens == "all":  # the whole token table: the embedding and, tied or not, the output head
+        model.wte.weight.requires_grad_(True)
+        model.lm_head.weight.requires_grad_(True)
+    elif sft_cfg.tokens == "template":
         train_template_tokens(model)
     if getattr(sft_cfg, "norms", False):  # off in checkpoints from before the option
         for m in model.modules():
@@ -626,14 +638,16 @@ def wrap_peft(model, sft_cfg):
 class SFTConfig:
     init: str = arg("", "checkpoint to start from; empty = out_dir/gpt.pt (pretrained first if missing)")
     lora_rank: int = arg(0, "LoRA rank r (0 = fine-tune all weights)")
-    lora_alpha: float = arg(16.0, "LoRA scaling alpha: the update is (alpha / r) B A")
+    lora_alpha: float = arg(64.0, "LoRA scaling alpha: the update is (alpha / r) B A; 64 at r = 16 is a scale of 4, "
+                                  "at which LoRA learns as early as full fine-tuning (1 learns late: RESULTS.md)")
     lora_targets: str = arg("all", "all (every linear layer of the blocks, as QLoRA found necessary to match full "
                                    "fine-tuning) | qv (query and value projections only, Hu et al.'s choice: it does "
                                    "not learn this task, RESULTS.md)")
     qlora: bool = arg(False, "QLoRA: the frozen linear weights of the blocks in 4-bit NF4 (needs --lora_rank)")
     adapter_dim: int = arg(0, "adapter bottleneck width (0 = off); saved as out_dir/sft_adapter.pt, not sft.pt")
-    template_tokens: bool = arg(True, "with LoRA, QLoRA or adapters, also train the embedding rows of <sep> and "
-                                      "<eos>, which pretraining never saw (without them a frozen model barely learns)")
+    tokens: str = arg("all", "with LoRA, QLoRA or adapters, which rows of the token table (the embedding and the "
+                             "output head) also train: all | template (<sep> and <eos>, which pretraining never saw; "
+                             "without them a frozen model barely learns) | none (RESULTS.md)")
     norms: bool = arg(True, "with LoRA, QLoRA or adapters, also train the normalisation gains (n_embd each): "
                             "frozen, they bound how sharp the output distribution can become (RESULTS.md)")
     prefix_lm: bool = arg(False, "fine-tune as a prefix LM: the prompt up to and including <sep> attends "
@@ -645,6 +659,7 @@ class SFTConfig:
         train.check(self.lora_rank >= 0, f"lora_rank must be >= 0, got {self.lora_rank}")
         train.check(self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha}")
         train.check_choice(self, "lora_targets", ("qv", "all"))
+        train.check_choice(self, "tokens", ("all", "template", "none"))
         train.check(not self.qlora or self.lora_rank, "--qlora trains LoRA on a 4-bit base: give it a rank, e.g. "
                   "--lora_rank 16")
         train.check(self.adapter_dim >= 0, f"adapter_dim must be >= 0, got {self.adapter_dim}")
@@ -664,7 +679,8 @@ class SFTConfig:
 
     def method(self):
         """A short description of what trains."""
-        tokens = (" + <sep>, <eos> rows" if self.template_tokens else "") + (" + norm gains" if self.norms else "")
+        tokens = {"all": " + token table", "template": " + <sep>, <eos> rows", "none": ""}[self.tokens] + (
+            " + norm gains" if self.norms else "")
         if self.adapter_dim:
             return f"adapters of width {self.adapter_dim} after each attention and FFN{tokens}"
         if self.lora_rank:
@@ -885,7 +901,8 @@ def load_trained(path, device="cpu"):
     if not any(".base." in k or ".sublayer." in k for k in ckpt["model"]):
         return gpt.model_from_checkpoint(ckpt, path).to(device), ckpt
     try:  # a finished adapter run has its token rows merged (wte.delta gone), its adapters not
-        peft = types.SimpleNamespace(**{**ckpt["sft"], "template_tokens": "wte.delta" in ckpt["model"]})
+        rows = "template" if "wte.delta" in ckpt["model"] else "none"  # a whole table trained is a plain table
+        peft = types.SimpleNamespace(**{**ckpt["sft"], "tokens": rows})
         model = wrap_peft(gpt.GPT(gpt.GPTConfig(**ckpt["config"])), peft)
         model.load_state_dict(ckpt["model"])
     except (KeyError, TypeError, AttributeError, RuntimeError, train.UserError) as e:

@@ -1728,6 +1728,40 @@ def test_lora_starts_at_base_trains_only_a_b_and_merges_exactly():
     assert sum(isinstance(m, sft.LoRALinear) for m in everything.modules()) == 2 * 7  # 4 attn + 3 ffn
 
 
+@pytest.mark.parametrize("d_in, d_out, rank", [(64, 64, 16), (64, 192, 16), (256, 256, 4), (32, 96, 2)])
+def test_lora_forward_is_w0_x_plus_scaled_b_a_x_on_either_path(d_in, d_out, rank):
+    """LoRALinear forms W_0 + (alpha / r) B A first where that is cheaper (r large against d), else applies B A
+    factored: both must be W_0 x + (alpha / r) B (A x), computed here in float64, and train A and B alike."""
+    torch.manual_seed(0)
+    layer = sft.LoRALinear(nn.Linear(d_in, d_out, bias=True), rank, alpha=3.0)
+    with torch.no_grad():
+        layer.B.normal_(0, 0.5)
+    x = torch.randn(2, 5, d_in)
+    W0, b, A, B = (t.detach().double() for t in (layer.base.weight, layer.base.bias, layer.A, layer.B))
+    want = x.double() @ W0.t() + b + (3.0 / rank) * (x.double() @ A.t()) @ B.t()
+    out = layer(x)
+    assert torch.allclose(out.double(), want, atol=1e-5)
+    out.pow(2).sum().backward()
+    gA, gB = torch.autograd.functional.jacobian(lambda a, bb: (x.double() @ W0.t() + b + (3.0 / rank) * (
+        x.double() @ a.t()) @ bb.t()).pow(2).sum(), (A, B))
+    assert torch.allclose(layer.A.grad.double(), gA, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(layer.B.grad.double(), gB, rtol=1e-4, atol=1e-4)
+    assert layer.base.weight.grad is None
+
+
+@pytest.mark.parametrize("tokens, tie", [("all", True), ("all", False), ("template", True), ("none", True)])
+def test_peft_token_table_option_trains_the_whole_table_the_template_rows_or_none(tokens, tie):
+    model, ids = seeded_model(tie_embeddings=tie), torch.tensor([[gpt.BOS, 49, 50, gpt.SEP, 51, gpt.EOS]])
+    base = model(ids).detach()
+    sft.wrap_peft(model, sft.SFTConfig(lora_rank=2, tokens=tokens, norms=False))
+    assert torch.allclose(model(ids), base, atol=1e-6)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad and not n.endswith((".A", ".B"))}
+    assert trainable == {"all": {"wte.weight"} | (set() if tie else {"lm_head.weight"}),
+                         "template": {"wte.delta"} | (set() if tie else {"lm_head.delta"}), "none": set()}[tokens]
+    sft.merge_lora(model)
+    assert (model.lm_head.weight is model.wte.weight) == tie
+
+
 NF4_PAPER = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
              -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
              0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
@@ -1981,7 +2015,7 @@ def test_peft_trains_the_norm_gains_unless_told_not_to_and_still_starts_at_the_b
                 model.get_parameter(n).add_(torch.randn_like(model.get_parameter(n)) * 0.1)
         out = model(ids)
         sft.merge_lora(model)
-        assert torch.allclose(model(ids), out, atol=1e-5) and not torch.allclose(out, base, atol=1e-3)
+        assert torch.allclose(model(ids), out, atol=1e-4) and not torch.allclose(out, base, atol=1e-2)
 
 
 def test_peft_initialisation_follows_the_runs_seed_not_what_ran_before(tmp_path):
@@ -2024,11 +2058,11 @@ def test_finetune_saves_qlora_merged_and_adapters_beside_sft_pt(tmp_path):
     assert 4 < m["linear_weight_bits"] < 4.3 and 0 < m["nf4_relative_error"] < 0.2 and m["nf4_mean_abs_error"] > 0
     assert m["trainable_params"] == 2 * sum(2 * (i + o) for i, o in  # rank 2 on 7 layers per block
                                             [(32, 32), (32, 16), (32, 16), (32, 32), (32, 96), (32, 96), (96, 32)]
-                                            ) + 2 * 32 + (2 * 2 + 1) * 32  # the <sep>, <eos> rows (one delta:
-    # tied embeddings) and the norm gains (two per block, the final one)
+                                            ) + 320 * 32 + (2 * 2 + 1) * 32  # the token table (tied: one) and
+    # the norm gains (two per block, the final one)
     # adapters: cannot merge, so they are saved apart, and sft.pt is not touched
     before = (tmp_path / "sft.pt").read_bytes()
-    model, m = sft.finetune(seeded_model(), task, sft.SFTConfig(adapter_dim=4, template_tokens=True), train_cfg)
+    model, m = sft.finetune(seeded_model(), task, sft.SFTConfig(adapter_dim=4, tokens="template"), train_cfg)
     assert (tmp_path / "sft.pt").read_bytes() == before
     assert m["checkpoint"] == os.path.join(str(tmp_path), "sft_adapter.pt") and "nf4_relative_error" not in m
     loaded, ckpt = sft.load_trained(str(tmp_path / "sft_adapter.pt"))
