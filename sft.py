@@ -15,10 +15,10 @@ Chat template: <bos> prompt <sep> response <eos>, right-padded with <pad> (disti
 `python sft.py` fine-tunes out/gpt.pt (pretraining it first with gpt.py's defaults if missing)
 and saves out/sft.pt. Parameter-efficient fine-tuning (notes 10.4): `--lora_rank 16` trains a low-rank
 update of every linear layer instead of all weights, `--qlora` adds a frozen base stored in 4-bit NormalFloat,
-and `--adapter_dim 16` trains bottleneck adapters after each attention and FFN sublayer; with these the
-token table (`--tokens template`: only the rows of <sep> and <eos>, which pretraining never saw) and the
-normalisation gains train too (`--tokens none`, `--no-norms` freeze them; RESULTS.md has why each is needed).
-`--prefix_lm` fine-tunes with a bidirectional prompt (notes 8.4).
+and `--adapter_dim 16` trains bottleneck adapters after each attention and FFN sublayer and after the query,
+key and value projections; with these the token table (`--tokens template`: only the rows of <sep> and <eos>,
+which pretraining never saw) and the normalisation gains train too (`--tokens none`, `--no-norms` freeze them;
+RESULTS.md has why each is needed). `--prefix_lm` fine-tunes with a bidirectional prompt (notes 8.4).
 
 Using a trained model of any stage (section 4): `python sft.py --sample out/dpo.pt --prompt 123+456 --n 5` prints
 five answers with r* (no --prompt: a prompt per line of stdin); `python sft.py --export_hf out/sft.pt --export_dir
@@ -583,30 +583,36 @@ def merge_lora(model):
 
 
 class Adapter(nn.Module):
-    """Adapter(h) = h + W_up act(W_down h) (Houlsby et al. 2019; notes 10.4) on the output h (B, T, d_model) of a frozen
-    sublayer, W_down: (dim, d_model), W_up: (d_model, dim). W_up = 0 at the start: the identity."""
+    """Adapter(h) = h + s W_up act(W_down h) (Houlsby et al. 2019; notes 10.4) on the output h (..., d) of a frozen
+    module, W_down: (dim, d), W_up: (d, dim), s a fixed scale (He et al. 2022) as LoRA's alpha / r. W_up = 0 at the
+    start: the identity."""
 
-    def __init__(self, sublayer, d_model, dim):
+    def __init__(self, sublayer, d, dim, scale=1.0):
         super().__init__()
-        self.sublayer = sublayer
-        self.down = nn.Linear(d_model, dim)
-        self.up = nn.Linear(dim, d_model)
+        self.sublayer, self.scale = sublayer, scale
+        self.down = nn.Linear(d, dim)
+        self.up = nn.Linear(dim, d)
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
 
     def forward(self, *args):
-        h = self.sublayer(*args)                   # (B, T, d_model)
-        return h + self.up(F.gelu(self.down(h)))   # (B, T, dim) in the bottleneck
+        h = self.sublayer(*args)                                # (..., d)
+        return h + self.scale * self.up(F.gelu(self.down(h)))   # (..., dim) in the bottleneck
 
 
-def apply_adapters(model, dim):
-    """Freeze the model and insert an adapter after the attention and after the FFN of every block
-    (on the sublayer's output, before the residual add, where Houlsby et al. 2019 put them). Only
-    the adapters train. Returns the model."""
+def apply_adapters(model, dim, scale):
+    """Freeze the model and insert adapters: after the attention and after the FFN of every block (on the
+    sublayer's output, before the residual add, where Houlsby et al. 2019 put them) and after its query, key and
+    value projections. Only the adapters train. Returns the model. Why the last three: an adapter on a sublayer's
+    output cannot change which positions attend to which, and this task needs new attention patterns (RESULTS.md:
+    Houlsby's placement alone does not learn it at any width tried, LoRA on the attention alone does)."""
     model.requires_grad_(False)
     for block in model.blocks:
-        block.attn = Adapter(block.attn, model.cfg.n_embd, dim)
-        block.ffn = Adapter(block.ffn, model.cfg.n_embd, dim)
+        for name in ("q_proj", "k_proj", "v_proj"):
+            proj = getattr(block.attn, name)
+            setattr(block.attn, name, Adapter(proj, proj.out_features, dim, scale))
+        block.attn = Adapter(block.attn, model.cfg.n_embd, dim, scale)
+        block.ffn = Adapter(block.ffn, model.cfg.n_embd, dim, scale)
     return model
 
 
@@ -616,7 +622,7 @@ def wrap_peft(model, sft_cfg):
     if sft_cfg.lora_rank:
         apply_lora(model, sft_cfg.lora_rank, sft_cfg.lora_alpha, sft_cfg.lora_targets, sft_cfg.qlora)
     elif sft_cfg.adapter_dim:
-        apply_adapters(model, sft_cfg.adapter_dim)
+        apply_adapters(model, sft_cfg.adapter_dim, sft_cfg.adapter_scale)
     else:
         return model  # full fine-tuning: everything trains
     if sft_cfg.tokens == "all":  # the whole token table: the embedding and, tied or not, the output head
@@ -645,6 +651,8 @@ class SFTConfig:
                                    "not learn this task, RESULTS.md)")
     qlora: bool = arg(False, "QLoRA: the frozen linear weights of the blocks in 4-bit NF4 (needs --lora_rank)")
     adapter_dim: int = arg(0, "adapter bottleneck width (0 = off); saved as out_dir/sft_adapter.pt, not sft.pt")
+    adapter_scale: float = arg(4.0, "adapter output scale s: Adapter(h) = h + s W_up gelu(W_down h); 4, as LoRA's "
+                                    "alpha / r (RESULTS.md)")
     tokens: str = arg("all", "with LoRA, QLoRA or adapters, which rows of the token table (the embedding and the "
                              "output head) also train: all | template (<sep> and <eos>, which pretraining never saw; "
                              "without them a frozen model barely learns) | none (RESULTS.md)")
@@ -663,6 +671,7 @@ class SFTConfig:
         train.check(not self.qlora or self.lora_rank, "--qlora trains LoRA on a 4-bit base: give it a rank, e.g. "
                   "--lora_rank 16")
         train.check(self.adapter_dim >= 0, f"adapter_dim must be >= 0, got {self.adapter_dim}")
+        train.check(self.adapter_scale > 0, f"adapter_scale must be > 0, got {self.adapter_scale}")
         train.check(not (self.adapter_dim and self.lora_rank), "choose one parameter-efficient method: --adapter_dim "
                   "or --lora_rank, not both")
         train.check(not self.init or os.path.isfile(self.init), f"--init {self.init}: no such file")
@@ -682,7 +691,8 @@ class SFTConfig:
         tokens = {"all": " + token table", "template": " + <sep>, <eos> rows", "none": ""}[self.tokens] + (
             " + norm gains" if self.norms else "")
         if self.adapter_dim:
-            return f"adapters of width {self.adapter_dim} after each attention and FFN{tokens}"
+            return (f"adapters of width {self.adapter_dim} (scale {self.adapter_scale}) after each query, key, value "
+                    f"projection, attention and FFN{tokens}")
         if self.lora_rank:
             return (f"{'QLoRA (NF4 base)' if self.qlora else 'LoRA'} r={self.lora_rank} alpha={self.lora_alpha} "
                     f"on {self.lora_targets}{tokens}")

@@ -1923,40 +1923,52 @@ def test_qlora_learns_a_low_rank_change_up_to_the_quantisation_error():
     assert 0.6 * floor < final < 1.2 * floor
 
 
-def adapter_reference(model, x):
-    """A pre-norm block stack computed by hand, with Adapter(h) = h + W_up gelu(W_down h) applied to
-    the attention's and the FFN's outputs before the residual adds (notes 10.4)."""
+def adapter_reference(model, x, s):
+    """A pre-norm block stack computed by hand, the attention written out (GQA, RoPE, causal softmax), with
+    Adapter(h) = h + s W_up gelu(W_down h) on the query, key and value projections' outputs and on the attention's
+    and the FFN's outputs before the residual adds (notes 10.4)."""
     def adapt(a, h):
-        return h + (F.gelu(h @ a.down.weight.t() + a.down.bias) @ a.up.weight.t() + a.up.bias)
-    T = x.shape[1]
-    rope = (model.rope_cos[:T][None, :, None], model.rope_sin[:T][None, :, None])
+        return h + s * (F.gelu(h @ a.down.weight.t() + a.down.bias) @ a.up.weight.t() + a.up.bias)
+    cfg, (B, T) = model.cfg, x.shape
+    cos, sin = model.rope_cos[:T][None, :, None], model.rope_sin[:T][None, :, None]
+    future = torch.ones(T, T, dtype=torch.bool).triu(1)
     h = model.wte(x)
     for b in model.blocks:
-        h = h + adapt(b.attn, b.attn.sublayer(b.norm1(h), rope, None, None))
+        attn, u = b.attn.sublayer, b.norm1(h)
+        q, k, v = (adapt(p, F.linear(u, p.sublayer.weight, p.sublayer.bias)).view(B, T, -1, cfg.head_dim)
+                   for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+        q, k = gpt.apply_rope(q, cos, sin), gpt.apply_rope(k, cos, sin)
+        g = cfg.n_head // cfg.n_kv_head  # query heads per key/value head
+        k, v = k.repeat_interleave(g, 2), v.repeat_interleave(g, 2)
+        scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(cfg.head_dim)
+        y = torch.einsum("bhqk,bkhd->bqhd", scores.masked_fill(future, float("-inf")).softmax(-1), v)
+        h = h + adapt(b.attn, F.linear(y.reshape(B, T, -1), attn.o_proj.weight, attn.o_proj.bias))
         h = h + adapt(b.ffn, b.ffn.sublayer(b.norm2(h)))
     return model.lm_head(model.norm_f(h))
 
 
-def test_adapters_start_as_identity_train_alone_and_sit_after_attention_and_ffn():
+def test_adapters_start_as_identity_train_alone_and_sit_after_q_k_v_attention_and_ffn():
     model = seeded_model()
     ids = torch.randint(0, 256, (2, 12))
     base = model(ids).detach()
-    sft.apply_adapters(model, dim=4)
-    assert sum(isinstance(m, sft.Adapter) for m in model.modules()) == 2 * 2
+    sft.apply_adapters(model, dim=4, scale=3.0)
+    assert sum(isinstance(m, sft.Adapter) for m in model.modules()) == 2 * 5
     assert torch.allclose(model(ids), base, atol=1e-6)  # W_up = 0: the frozen model
     lm_loss(model(ids[:, :-1]), ids[:, 1:]).backward()
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {f"blocks.{i}.{s}.{l}.{p}" for i in range(2) for s in ("attn", "ffn")
+    places = ("attn", "ffn", "attn.sublayer.q_proj", "attn.sublayer.k_proj", "attn.sublayer.v_proj")
+    assert trainable == {f"blocks.{i}.{s}.{l}.{p}" for i in range(2) for s in places
                          for l in ("down", "up") for p in ("weight", "bias")}
     assert all(p.grad is None for n, p in model.named_parameters() if n not in trainable)
     assert all(model.get_parameter(n).grad.abs().sum() > 0 for n in trainable if ".up." in n)
     n_adapter = sum(model.get_parameter(n).numel() for n in trainable)
-    assert n_adapter == 2 * 2 * (32 * 4 + 4 + 4 * 32 + 32)
+    kv = model.cfg.n_kv_head * model.cfg.head_dim
+    assert n_adapter == 2 * sum(d * 4 + 4 + 4 * d + d for d in (32, 32, 32, kv, kv))
     with torch.no_grad():
         for n in trainable:
             model.get_parameter(n).normal_(0, 0.2)
     assert not torch.allclose(model(ids), base, atol=1e-3)
-    assert torch.allclose(model(ids), adapter_reference(model, ids), atol=1e-5)
+    assert torch.allclose(model(ids), adapter_reference(model, ids, 3.0), atol=1e-5)
     # generation (KV cache) goes through the adapters too: it samples what the full forwards give
     prompt = ids[0, :5].tolist()
     out = gpt.generate(model.eval(), [prompt], 8, eos=-1, generator=torch.Generator().manual_seed(0))
