@@ -435,14 +435,18 @@ class LoRALinear(nn.Module):
         # gradient, as in full fine-tuning): the same result, the cheaper one is taken. At this width, r = d / 4,
         # the formed one; at LLM widths, r << d, the factored one.
         if 3 * self.rank * (self.in_features + self.out_features) >= self.in_features * self.out_features:
-            return F.linear(x, self.base.weight + self.scale * self.B @ self.A, self.base.bias)
+            return F.linear(x, self.weight, self.base.bias)
         return self.base(x) + (x @ self.A.t() @ self.B.t()) * self.scale
+
+    @property
+    def weight(self):
+        """W_0 + (alpha / r) B A, (d_out, d_in); under QLoRA W_0 is the dequantised NF4 weight."""
+        return torch.addmm(self.base.weight, self.B, self.A, alpha=self.scale)
 
     @torch.no_grad()
     def merged(self):
-        """The equivalent plain nn.Linear with W_0 + (alpha / r) B A: no added inference latency.
-        Under QLoRA W_0 is the dequantised NF4 weight."""
-        return linear_with(self.base.weight + self.scale * self.B @ self.A, self.base.bias)
+        """The equivalent plain nn.Linear: no added inference latency."""
+        return linear_with(self.weight, self.base.bias)
 
 
 NF4_BLOCK, SCALE_BLOCK = 64, 256  # weights per absmax scale; scales per 8-bit second-level scale (QLoRA)
