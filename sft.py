@@ -15,10 +15,9 @@ Chat template: <bos> prompt <sep> response <eos>, right-padded with <pad> (disti
 `python sft.py` fine-tunes out/gpt.pt (pretraining it first with gpt.py's defaults if missing)
 and saves out/sft.pt. Parameter-efficient fine-tuning (notes 10.4): `--lora_rank 16` trains a low-rank
 update of every linear layer instead of all weights, `--qlora` adds a frozen base stored in 4-bit NormalFloat,
-and `--adapter_dim 16` trains bottleneck adapters after each attention and FFN sublayer and after the query,
-key and value projections; with these the token table (`--tokens template`: only the rows of <sep> and <eos>,
-which pretraining never saw) and the normalisation gains train too (`--tokens none`, `--no-norms` freeze them;
-RESULTS.md has why each is needed). `--prefix_lm` fine-tunes with a bidirectional prompt (notes 8.4).
+and `--adapter_dim 16` trains bottleneck adapters beside every linear layer (parallel adapters); with these the
+token table (`--tokens template`: only the rows of <sep> and <eos>, which pretraining never saw) and the
+normalisation gains train too (`--tokens none`, `--no-norms` freeze them; RESULTS.md has why each is needed). `--prefix_lm` fine-tunes with a bidirectional prompt (notes 8.4).
 
 Using a trained model of any stage (section 4): `python sft.py --sample out/dpo.pt --prompt 123+456 --n 5` prints
 five answers with r* (no --prompt: a prompt per line of stdin); `python sft.py --export_hf out/sft.pt --export_dir
@@ -587,36 +586,35 @@ def merge_lora(model):
 
 
 class Adapter(nn.Module):
-    """Adapter(h) = h + s W_up act(W_down h) (Houlsby et al. 2019; notes 10.4) on the output h (..., d) of a frozen
-    module, W_down: (dim, d), W_up: (d, dim), s a fixed scale (He et al. 2022) as LoRA's alpha / r. W_up = 0 at the
-    start: the identity."""
+    """A bottleneck adapter (notes 10.4) in parallel with a frozen linear layer W_0 (He et al. 2022):
+    y = W_0 x + s W_up act(W_down x), x: (..., d_in), W_down: (dim, d_in), W_up: (d_out, dim), s a fixed scale in
+    the role of LoRA's alpha / r. The notes' adapter (Houlsby et al. 2019) sits in series on a sublayer's output h,
+    h + W_up act(W_down h): on this task it learns nothing (RESULTS.md). W_up = 0 at the start: the frozen layer."""
 
-    def __init__(self, sublayer, d, dim, scale=1.0):
+    def __init__(self, base, dim, scale):
         super().__init__()
-        self.sublayer, self.scale = sublayer, scale
-        self.down = nn.Linear(d, dim)
-        self.up = nn.Linear(dim, d)
+        self.base, self.scale = base, scale
+        self.base.requires_grad_(False)
+        self.down = nn.Linear(base.in_features, dim)
+        self.up = nn.Linear(dim, base.out_features)
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
 
-    def forward(self, *args):
-        h = self.sublayer(*args)                                # (..., d)
-        return h + self.scale * self.up(F.gelu(self.down(h)))   # (..., dim) in the bottleneck
+    def forward(self, x):
+        return self.base(x) + self.scale * self.up(F.gelu(self.down(x)))  # (..., dim) in the bottleneck
 
 
 def apply_adapters(model, dim, scale):
-    """Freeze the model and insert adapters: after the attention and after the FFN of every block (on the
-    sublayer's output, before the residual add, where Houlsby et al. 2019 put them) and after its query, key and
-    value projections. Only the adapters train. Returns the model. Why the last three: an adapter on a sublayer's
-    output cannot change which positions attend to which, and this task needs new attention patterns (RESULTS.md:
-    Houlsby's placement alone does not learn it at any width tried, LoRA on the attention alone does)."""
+    """Freeze the model and put an adapter beside every linear layer of the blocks, as LoRA's updates. Only the
+    adapters train. Returns the model. Why not Houlsby et al.'s places, in series after the attention and the
+    FFN: an adapter on a sublayer's output cannot change which positions attend to which, and this task needs new
+    attention patterns (RESULTS.md: there they do not learn it at any width, scale or rate tried)."""
     model.requires_grad_(False)
     for block in model.blocks:
-        for name in ("q_proj", "k_proj", "v_proj"):
-            proj = getattr(block.attn, name)
-            setattr(block.attn, name, Adapter(proj, proj.out_features, dim, scale))
-        block.attn = Adapter(block.attn, model.cfg.n_embd, dim, scale)
-        block.ffn = Adapter(block.ffn, model.cfg.n_embd, dim, scale)
+        for parent in list(block.modules()):  # listed before any wrapping
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.Linear):
+                    setattr(parent, name, Adapter(child, dim, scale))
     return model
 
 
@@ -648,15 +646,15 @@ def wrap_peft(model, sft_cfg):
 class SFTConfig:
     init: str = arg("", "checkpoint to start from; empty = out_dir/gpt.pt (pretrained first if missing)")
     lora_rank: int = arg(0, "LoRA rank r (0 = fine-tune all weights)")
-    lora_alpha: float = arg(64.0, "LoRA scaling alpha: the update is (alpha / r) B A; 64 at r = 16 is a scale of 4, "
-                                  "at which LoRA learns as early as full fine-tuning (1 learns late: RESULTS.md)")
+    lora_alpha: float = arg(128.0, "LoRA scaling alpha: the update is (alpha / r) B A; 128 at r = 16 is a scale of 8, "
+                                   "at which LoRA and QLoRA learn as early as full fine-tuning (RESULTS.md)")
     lora_targets: str = arg("all", "all (every linear layer of the blocks, as QLoRA found necessary to match full "
                                    "fine-tuning) | qv (query and value projections only, Hu et al.'s choice: it does "
                                    "not learn this task, RESULTS.md)")
     qlora: bool = arg(False, "QLoRA: the frozen linear weights of the blocks in 4-bit NF4 (needs --lora_rank)")
     adapter_dim: int = arg(0, "adapter bottleneck width (0 = off); saved as out_dir/sft_adapter.pt, not sft.pt")
-    adapter_scale: float = arg(4.0, "adapter output scale s: Adapter(h) = h + s W_up gelu(W_down h); 4, as LoRA's "
-                                    "alpha / r (RESULTS.md)")
+    adapter_scale: float = arg(4.0, "adapter output scale s: y = W_0 x + s W_up gelu(W_down x), in the role of "
+                                    "LoRA's alpha / r (RESULTS.md)")
     tokens: str = arg("all", "with LoRA, QLoRA or adapters, which rows of the token table (the embedding and the "
                              "output head) also train: all | template (<sep> and <eos>, which pretraining never saw; "
                              "without them a frozen model barely learns) | none (RESULTS.md)")
@@ -695,8 +693,7 @@ class SFTConfig:
         tokens = {"all": " + token table", "template": " + <sep>, <eos> rows", "none": ""}[self.tokens] + (
             " + norm gains" if self.norms else "")
         if self.adapter_dim:
-            return (f"adapters of width {self.adapter_dim} (scale {self.adapter_scale}) after each query, key, value "
-                    f"projection, attention and FFN{tokens}")
+            return f"adapters of width {self.adapter_dim} (scale {self.adapter_scale}) beside every linear layer{tokens}"
         if self.lora_rank:
             return (f"{'QLoRA (NF4 base)' if self.qlora else 'LoRA'} r={self.lora_rank} alpha={self.lora_alpha} "
                     f"on {self.lora_targets}{tokens}")

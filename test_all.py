@@ -1924,46 +1924,45 @@ def test_qlora_learns_a_low_rank_change_up_to_the_quantisation_error():
 
 
 def adapter_reference(model, x, s):
-    """A pre-norm block stack computed by hand, the attention written out (GQA, RoPE, causal softmax), with
-    Adapter(h) = h + s W_up gelu(W_down h) on the query, key and value projections' outputs and on the attention's
-    and the FFN's outputs before the residual adds (notes 10.4)."""
-    def adapt(a, h):
-        return h + s * (F.gelu(h @ a.down.weight.t() + a.down.bias) @ a.up.weight.t() + a.up.bias)
+    """A pre-norm block stack computed by hand, the attention (GQA, RoPE, causal softmax) and the FFN written out,
+    every linear layer W x + b of the blocks with its adapter beside it: + s W_up gelu(W_down x) (notes 10.4)."""
+    def lin(a, u):
+        return F.linear(u, a.base.weight, a.base.bias) + s * (
+            F.gelu(u @ a.down.weight.t() + a.down.bias) @ a.up.weight.t() + a.up.bias)
     cfg, (B, T) = model.cfg, x.shape
     cos, sin = model.rope_cos[:T][None, :, None], model.rope_sin[:T][None, :, None]
     future = torch.ones(T, T, dtype=torch.bool).triu(1)
     h = model.wte(x)
     for b in model.blocks:
-        attn, u = b.attn.sublayer, b.norm1(h)
-        q, k, v = (adapt(p, F.linear(u, p.sublayer.weight, p.sublayer.bias)).view(B, T, -1, cfg.head_dim)
-                   for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+        attn, u = b.attn, b.norm1(h)
+        q, k, v = (lin(p, u).view(B, T, -1, cfg.head_dim) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
         q, k = gpt.apply_rope(q, cos, sin), gpt.apply_rope(k, cos, sin)
         g = cfg.n_head // cfg.n_kv_head  # query heads per key/value head
         k, v = k.repeat_interleave(g, 2), v.repeat_interleave(g, 2)
         scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(cfg.head_dim)
         y = torch.einsum("bhqk,bkhd->bqhd", scores.masked_fill(future, float("-inf")).softmax(-1), v)
-        h = h + adapt(b.attn, F.linear(y.reshape(B, T, -1), attn.o_proj.weight, attn.o_proj.bias))
-        h = h + adapt(b.ffn, b.ffn.sublayer(b.norm2(h)))
+        h = h + lin(attn.o_proj, y.reshape(B, T, -1))
+        f, u = b.ffn, b.norm2(h)
+        hidden = f.act(lin(f.gate, u)) * lin(f.up, u) if f.gate is not None else f.act(lin(f.up, u))
+        h = h + lin(f.down, hidden)
     return model.lm_head(model.norm_f(h))
 
 
-def test_adapters_start_as_identity_train_alone_and_sit_after_q_k_v_attention_and_ffn():
+def test_adapters_start_as_the_frozen_model_train_alone_and_sit_beside_every_linear_layer():
     model = seeded_model()
     ids = torch.randint(0, 256, (2, 12))
     base = model(ids).detach()
+    linears = {n: (m.in_features, m.out_features) for n, m in model.blocks.named_modules() if isinstance(m, nn.Linear)}
     sft.apply_adapters(model, dim=4, scale=3.0)
-    assert sum(isinstance(m, sft.Adapter) for m in model.modules()) == 2 * 5
+    assert sum(isinstance(m, sft.Adapter) for m in model.modules()) == len(linears) == 2 * 7
     assert torch.allclose(model(ids), base, atol=1e-6)  # W_up = 0: the frozen model
     lm_loss(model(ids[:, :-1]), ids[:, 1:]).backward()
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    places = ("attn", "ffn", "attn.sublayer.q_proj", "attn.sublayer.k_proj", "attn.sublayer.v_proj")
-    assert trainable == {f"blocks.{i}.{s}.{l}.{p}" for i in range(2) for s in places
-                         for l in ("down", "up") for p in ("weight", "bias")}
+    assert trainable == {f"blocks.{n}.{l}.{p}" for n in linears for l in ("down", "up") for p in ("weight", "bias")}
     assert all(p.grad is None for n, p in model.named_parameters() if n not in trainable)
-    assert all(model.get_parameter(n).grad.abs().sum() > 0 for n in trainable if ".up." in n)
+    assert all(model.get_parameter(n).grad.abs().sum() > 0 for n in trainable if n.split(".")[-2] == "up")  # W_up
     n_adapter = sum(model.get_parameter(n).numel() for n in trainable)
-    kv = model.cfg.n_kv_head * model.cfg.head_dim
-    assert n_adapter == 2 * sum(d * 4 + 4 + 4 * d + d for d in (32, 32, 32, kv, kv))
+    assert n_adapter == sum(d_in * 4 + 4 + 4 * d_out + d_out for d_in, d_out in linears.values())
     with torch.no_grad():
         for n in trainable:
             model.get_parameter(n).normal_(0, 0.2)
@@ -2229,7 +2228,7 @@ def test_a_qlora_run_stopped_early_samples_and_exports_merged_and_adapters_are_n
 
     wrapped = peft_checkpoint(tmp_path / "sft_adapter.pt", sft.SFTConfig(adapter_dim=4))
     loaded, _ = sft.load_trained(str(tmp_path / "sft_adapter.pt"))
-    assert isinstance(loaded.blocks[0].attn, sft.Adapter) and not isinstance(loaded.wte, sft.TokenRows)
+    assert isinstance(loaded.blocks[0].attn.q_proj, sft.Adapter) and not isinstance(loaded.wte, sft.TokenRows)
     with torch.no_grad():
         assert torch.allclose(loaded.eval()(ids), wrapped(ids), atol=1e-5)
     sft.main(["--sample", str(tmp_path / "sft_adapter.pt"), "--prompt", "123+456", "--n", "2", *CPU])
