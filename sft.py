@@ -17,7 +17,8 @@ and saves out/sft.pt. Parameter-efficient fine-tuning (notes 10.4): `--lora_rank
 update of every linear layer instead of all weights, `--qlora` adds a frozen base stored in 4-bit NormalFloat,
 and `--adapter_dim 16` trains bottleneck adapters beside every linear layer (parallel adapters); with these the
 token table (`--tokens template`: only the rows of <sep> and <eos>, which pretraining never saw) and the
-normalisation gains train too (`--tokens none`, `--no-norms` freeze them; RESULTS.md has why each is needed). `--prefix_lm` fine-tunes with a bidirectional prompt (notes 8.4).
+normalisation gains train too (`--tokens none`, `--no-norms` freeze them; RESULTS.md has why each is needed).
+`--prefix_lm` fine-tunes with a bidirectional prompt (notes 8.4).
 
 Using a trained model of any stage (section 4): `python sft.py --sample out/dpo.pt --prompt 123+456 --n 5` prints
 five answers with r* (no --prompt: a prompt per line of stdin); `python sft.py --export_hf out/sft.pt --export_dir
@@ -693,7 +694,8 @@ class SFTConfig:
         tokens = {"all": " + token table", "template": " + <sep>, <eos> rows", "none": ""}[self.tokens] + (
             " + norm gains" if self.norms else "")
         if self.adapter_dim:
-            return f"adapters of width {self.adapter_dim} (scale {self.adapter_scale}) beside every linear layer{tokens}"
+            return (f"adapters of width {self.adapter_dim} (scale {self.adapter_scale}) beside every linear "
+                    f"layer{tokens}")
         if self.lora_rank:
             return (f"{'QLoRA (NF4 base)' if self.qlora else 'LoRA'} r={self.lora_rank} alpha={self.lora_alpha} "
                     f"on {self.lora_targets}{tokens}")
