@@ -654,8 +654,8 @@ class SFTConfig:
                                    "not learn this task, RESULTS.md)")
     qlora: bool = arg(False, "QLoRA: the frozen linear weights of the blocks in 4-bit NF4 (needs --lora_rank)")
     adapter_dim: int = arg(0, "adapter bottleneck width (0 = off); saved as out_dir/sft_adapter.pt, not sft.pt")
-    adapter_scale: float = arg(4.0, "adapter output scale s: y = W_0 x + s W_up gelu(W_down x), in the role of "
-                                    "LoRA's alpha / r (RESULTS.md)")
+    adapter_scale: float = arg(2.0, "adapter output scale s: y = W_0 x + s W_up gelu(W_down x), in the role of "
+                                    "LoRA's alpha / r (RESULTS.md: 2 against 4 and 8)")
     tokens: str = arg("all", "with LoRA, QLoRA or adapters, which rows of the token table (the embedding and the "
                              "output head) also train: all | template (<sep> and <eos>, which pretraining never saw; "
                              "without them a frozen model barely learns) | none (RESULTS.md)")
