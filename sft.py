@@ -590,7 +590,8 @@ class Adapter(nn.Module):
     """A bottleneck adapter (notes 10.4) in parallel with a frozen linear layer W_0 (He et al. 2022):
     y = W_0 x + s W_up act(W_down x), x: (..., d_in), W_down: (dim, d_in), W_up: (d_out, dim), s a fixed scale in
     the role of LoRA's alpha / r. The notes' adapter (Houlsby et al. 2019) sits in series on a sublayer's output h,
-    h + W_up act(W_down h): on this task it learns nothing (RESULTS.md). W_up = 0 at the start: the frozen layer."""
+    h + W_up act(W_down h): on this task it learns nothing (RESULTS.md). W_up = 0 at the start: the frozen layer;
+    W_down ~ N(0, 1 / d_in), as LoRA's A (with nn.Linear's uniform init a seed of five learnt late, RESULTS.md)."""
 
     def __init__(self, base, dim, scale):
         super().__init__()
@@ -598,6 +599,8 @@ class Adapter(nn.Module):
         self.base.requires_grad_(False)
         self.down = nn.Linear(base.in_features, dim)
         self.up = nn.Linear(dim, base.out_features)
+        nn.init.normal_(self.down.weight, std=base.in_features ** -0.5)  # as LoRA's A (nn.Linear's is 1.7x smaller)
+        nn.init.zeros_(self.down.bias)
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
 
