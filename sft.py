@@ -426,15 +426,15 @@ class LoRALinear(nn.Module):
         self.base.requires_grad_(False)
         self.A = nn.Parameter(torch.randn(rank, base.in_features) / math.sqrt(base.in_features))
         self.B = nn.Parameter(torch.zeros(base.out_features, rank))  # so W = W_0 at the start
-        self.scale, self.rank = alpha / rank, rank
-        self.in_features, self.out_features = base.in_features, base.out_features
-
-    def forward(self, x):
+        self.scale = alpha / rank
         # Over forward and backward, for N tokens, the factored W_0 x + (alpha / r) B (A x) costs 3 N r (d_in + d_out)
         # more than W_0 x alone, forming W_0 + (alpha / r) B A first costs N d_in d_out more (the formed weight's
         # gradient, as in full fine-tuning): the same result, the cheaper one is taken. At this width, r = d / 4,
         # the formed one; at LLM widths, r << d, the factored one.
-        if 3 * self.rank * (self.in_features + self.out_features) >= self.in_features * self.out_features:
+        self.formed = 3 * rank * (base.in_features + base.out_features) >= base.in_features * base.out_features
+
+    def forward(self, x):
+        if self.formed:
             return F.linear(x, self.weight, self.base.bias)
         return self.base(x) + (x @ self.A.t() @ self.B.t()) * self.scale
 
@@ -526,14 +526,22 @@ def apply_lora(model, rank, alpha, targets="all", quantize=False):
     """Freeze the model and wrap every linear layer of the blocks (targets="all") or only the query and value
     projections (targets="qv", the notes' and Hu et al.'s choice) in LoRALinear. quantize=True is QLoRA: every
     linear layer of the blocks is first stored in NF4, LoRA (in fp32) on top. Returns the model."""
-    model.requires_grad_(False)
     names = ("q_proj", "v_proj") if targets == "qv" else None
+
+    def wrap(name, linear):
+        base = NF4Linear(linear) if quantize else linear
+        return LoRALinear(base, rank, alpha) if names is None or name in names else base
+    return wrap_linears(model, wrap)
+
+
+def wrap_linears(model, wrap):
+    """Freeze the model and replace every nn.Linear of its blocks by wrap(its name, it). Returns the model."""
+    model.requires_grad_(False)
     for block in model.blocks:
         for parent in list(block.modules()):  # listed before any wrapping
             for name, child in list(parent.named_children()):
                 if isinstance(child, nn.Linear):
-                    base = NF4Linear(child) if quantize else child
-                    setattr(parent, name, LoRALinear(base, rank, alpha) if names is None or name in names else base)
+                    setattr(parent, name, wrap(name, child))
     return model
 
 
@@ -613,13 +621,7 @@ def apply_adapters(model, dim, scale):
     adapters train. Returns the model. Why not Houlsby et al.'s places, in series after the attention and the
     FFN: an adapter on a sublayer's output cannot change which positions attend to which, and this task needs new
     attention patterns (RESULTS.md: there they do not learn it at any width, scale or rate tried)."""
-    model.requires_grad_(False)
-    for block in model.blocks:
-        for parent in list(block.modules()):  # listed before any wrapping
-            for name, child in list(parent.named_children()):
-                if isinstance(child, nn.Linear):
-                    setattr(parent, name, Adapter(child, dim, scale))
-    return model
+    return wrap_linears(model, lambda name, linear: Adapter(linear, dim, scale))
 
 
 def wrap_peft(model, sft_cfg):
