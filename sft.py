@@ -654,7 +654,8 @@ class SFTConfig:
     lora_rank: int = arg(0, "LoRA rank r (0 = fine-tune all weights); with it --lr and --min_lr default to 1e-3 "
                             "and 1e-4, half the full fine-tuning rate (RESULTS.md)")
     lora_alpha: float = arg(128.0, "LoRA scaling alpha: the update is (alpha / r) B A; 128 at r = 16 is a scale of 8, "
-                                   "at which LoRA and QLoRA learn as early as full fine-tuning (RESULTS.md)")
+                                   "at which, with LoRA's default rate, LoRA and QLoRA learnt on all of ten seeds "
+                                   "(RESULTS.md)")
     lora_targets: str = arg("all", "all (every linear layer of the blocks, as QLoRA found necessary to match full "
                                    "fine-tuning) | qv (query and value projections only, Hu et al.'s choice: it does "
                                    "not learn this task, RESULTS.md)")
