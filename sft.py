@@ -299,12 +299,18 @@ def task_of(identity):
     return TaskConfig(task=identity.get("name", "add"), digits=identity["digits"], slip=identity["slip"]).build()
 
 
+def peek_flag(argv, name, default):
+    """The value of --name in argv (None: the command line) as given, before the flags are parsed: for the defaults
+    that depend on it. A bad value is left for the flags' parser to refuse."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument(f"--{name}", default=default)
+    return getattr(pre.parse_known_args(argv)[0], name)
+
+
 def parse_args(defaults, argv=None, description=None):
     """train.parse_args for a stage on the task: the TaskConfig among `defaults` takes the defaults that its --task
     declares (Task.defaults) before the flags are read, so that `--task sort` alone runs that task's defaults."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--task", default=TaskConfig.task)
-    name = pre.parse_known_args(argv)[0].task
+    name = peek_flag(argv, "task", TaskConfig.task)
     if name in TASKS:  # another name is refused, naming the choices, by TaskConfig
         defaults = [dataclasses.replace(d, task=name, **TASKS[name].defaults) if isinstance(d, TaskConfig) else d
                     for d in defaults]
@@ -799,10 +805,8 @@ def sft_defaults(argv=()):
     the gradient noise at a step size that stays stable, and the transition comes by step 1500 in most runs.
     With --lora_rank in argv (LoRA or QLoRA) the rate is halved, 1e-3 -> 1e-4: at alpha / r = 8 the update B A
     already moves 8x faster, and at the full rate QLoRA stalled on 3 seeds of 10 (RESULTS.md)."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--lora_rank", default="0")
     try:
-        lora = int(pre.parse_known_args(argv)[0].lora_rank) > 0
+        lora = int(peek_flag(argv, "lora_rank", "0")) > 0
     except ValueError:  # not a number: the flags' parser refuses it
         lora = False
     return TaskConfig(), SFTConfig(), train.TrainConfig(max_steps=3000, batch_size=64, lr=1e-3 if lora else 2e-3,
@@ -1007,7 +1011,7 @@ def use_model(use, configs, defaults):
 
 
 def main(argv=None):
-    defaults = [*sft_defaults(sys.argv[1:] if argv is None else argv), UseConfig()]
+    defaults = [*sft_defaults(argv), UseConfig()]
     task_cfg, sft_cfg, train_cfg, use = parse_args(defaults, argv, description="prompt-masked SFT, full or with LoRA, "
                                                    "QLoRA or adapters; sampling from and exporting a model")
     if use.sample or use.export_hf:
