@@ -3923,6 +3923,17 @@ def test_the_check_scripts_refuse_an_unusable_output_directory_at_start_up(tmp_p
     assert "theory" not in r.stdout and "e4m3" not in r.stdout  # before any work
 
 
+@pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="POSIX signal masks")
+def test_ctrl_c_during_a_save_takes_effect_after_it():
+    """A Ctrl-C between writing a checkpoint and noting its step once made the last line name the step before."""
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with train.signals_held():
+            os.kill(os.getpid(), signal.SIGINT)
+            done.append("the rest of the block ran")
+    assert done == ["the rest of the block ran"]
+
+
 @pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_two_runs_on_one_out_dir_and_ctrl_c(tmp_path, corpus, signum, status):
     """The second run on an out_dir in use stops at once (a lock); Ctrl-C says where the first stopped and what

@@ -173,6 +173,21 @@ def atomic_write(path, write):
         raise
 
 
+@contextlib.contextmanager
+def signals_held():
+    """Ctrl-C (SIGINT) and SIGTERM arriving inside the block take effect at its end (POSIX; elsewhere at once):
+    for a save and the record of which step it holds, which must not be parted."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
 def remove_quietly(path):
     with contextlib.suppress(OSError):
         os.remove(path)
@@ -736,16 +751,17 @@ class Trainer:
 
     def checkpoint(self):
         if self.ckpt_path and self.procs.master:
-            try:  # the losses so far too: the final train_loss must not depend on where a run was resumed
-                save_checkpoint(self.ckpt_path, **{k: m.state_dict() for k, m in self.saved.items()}, **self.meta,
-                                optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(),
-                                step=self.step, max_steps=self.cfg.max_steps, rng=rng_state(self.device),
-                                state=self.state, loss_history=self.history, metrics=self.metrics, curve=self.curve,
-                                train_seconds=self.train_seconds, finished=self.done,
-                                train_config=dataclasses.asdict(self.cfg))
-            except UserError as e:
-                raise UserError(f"{e}; {self.checkpoint_note()}") from None
-            self.saved_step = self.step
+            with signals_held():  # a Ctrl-C between the file and saved_step would name the wrong step as kept
+                try:  # the losses so far too: the final train_loss must not depend on where a run was resumed
+                    save_checkpoint(self.ckpt_path, **{k: m.state_dict() for k, m in self.saved.items()},
+                                    **self.meta, optimizer=self.optimizer.state_dict(),
+                                    scaler=self.scaler.state_dict(), step=self.step, max_steps=self.cfg.max_steps,
+                                    rng=rng_state(self.device), state=self.state, loss_history=self.history,
+                                    metrics=self.metrics, curve=self.curve, train_seconds=self.train_seconds,
+                                    finished=self.done, train_config=dataclasses.asdict(self.cfg))
+                except UserError as e:
+                    raise UserError(f"{e}; {self.checkpoint_note()}") from None
+                self.saved_step = self.step
 
     def checkpoint_note(self):
         """What an interrupted or failed run leaves behind, for its last line."""
