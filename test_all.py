@@ -3923,7 +3923,6 @@ def test_the_check_scripts_refuse_an_unusable_output_directory_at_start_up(tmp_p
     assert "theory" not in r.stdout and "e4m3" not in r.stdout  # before any work
 
 
-@pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="POSIX signal masks")
 def test_ctrl_c_during_a_save_takes_effect_after_it():
     """A Ctrl-C between writing a checkpoint and noting its step once made the last line name the step before."""
     done = []

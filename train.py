@@ -24,6 +24,7 @@ import shlex
 import shutil
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -175,17 +176,22 @@ def atomic_write(path, write):
 
 @contextlib.contextmanager
 def signals_held():
-    """Ctrl-C (SIGINT) and SIGTERM arriving inside the block take effect at its end (POSIX; elsewhere at once):
-    for a save and the record of which step it holds, which must not be parted."""
-    held = {signal.SIGINT, signal.SIGTERM}
-    if not hasattr(signal, "pthread_sigmask"):
+    """Ctrl-C (SIGINT) and SIGTERM arriving inside the block take effect at its end: for a save and the record
+    of which step it holds, which must not be parted. (A signal mask would not do: the OS may hand the signal to
+    another of torch's threads, and Python then runs the handler in the main thread at once.)"""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
         yield
         return
-    before = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    pending = []
+    hold = lambda signum, frame: pending.append(signum)  # noqa: E731
+    before = {s: signal.signal(s, hold) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+        for s, handler in before.items():
+            signal.signal(s, handler)
+        for s in pending:
+            signal.raise_signal(s)
 
 
 def remove_quietly(path):
