@@ -303,7 +303,8 @@ def peek_flag(argv, name, default):
     """The value of --name in argv (None: the command line) as given, before the flags are parsed: for the defaults
     that depend on it. A bad value is left for the flags' parser to refuse."""
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument(f"--{name}", default=default)
+    pre.add_argument(f"--{name}", default=default,
+                     **({"action": argparse.BooleanOptionalAction} if isinstance(default, bool) else {}))
     return getattr(pre.parse_known_args(argv)[0], name)
 
 
@@ -657,8 +658,9 @@ def wrap_peft(model, sft_cfg):
 @dataclass(frozen=True)
 class SFTConfig:
     init: str = arg("", "checkpoint to start from; empty = out_dir/gpt.pt (pretrained first if missing)")
-    lora_rank: int = arg(0, "LoRA rank r (0 = fine-tune all weights); with it --lr and --min_lr default to 1e-3 "
-                            "and 1e-4, half the full fine-tuning rate (RESULTS.md)")
+    lora_rank: int = arg(0, "LoRA rank r (0 = fine-tune all weights); with it --lr defaults to 1e-3, half the "
+                            "full fine-tuning rate, --min_lr to 0 and --max_steps to 2850 (2700 with --qlora), "
+                            "full fine-tuning's seconds (RESULTS.md)")
     lora_alpha: float = arg(128.0, "LoRA scaling alpha: the update is (alpha / r) B A; 128 at r = 16 is a scale of 8, "
                                    "at which, with LoRA's default rate, LoRA and QLoRA learnt on all of ten seeds "
                                    "(RESULTS.md)")
@@ -666,9 +668,11 @@ class SFTConfig:
                                    "fine-tuning) | qv (query and value projections only, Hu et al.'s choice: it does "
                                    "not learn this task, RESULTS.md)")
     qlora: bool = arg(False, "QLoRA: the frozen linear weights of the blocks in 4-bit NF4 (needs --lora_rank)")
-    adapter_dim: int = arg(0, "adapter bottleneck width (0 = off); saved as out_dir/sft_adapter.pt, not sft.pt")
-    adapter_scale: float = arg(2.0, "adapter output scale s: y = W_0 x + s W_up gelu(W_down x), in the role of "
-                                    "LoRA's alpha / r (RESULTS.md: 2 against 4 and 8)")
+    adapter_dim: int = arg(0, "adapter bottleneck width (0 = off); with it --lr defaults to 1e-3, --min_lr to 0 and "
+                              "--max_steps to 2200, full fine-tuning's seconds; saved as out_dir/sft_adapter.pt, "
+                              "not sft.pt")
+    adapter_scale: float = arg(8.0, "adapter output scale s: y = W_0 x + s W_up gelu(W_down x), in the role of "
+                                    "LoRA's alpha / r and, as it, 8 at half the rate (RESULTS.md)")
     tokens: str = arg("all", "with LoRA, QLoRA or adapters, which rows of the token table (the embedding and the "
                              "output head) also train: all | template (<sep> and <eos>, which pretraining never saw; "
                              "without them a frozen model barely learns) | none (RESULTS.md)")
@@ -798,20 +802,39 @@ def finetune(model, task, sft_cfg, train_cfg, built_from=None):
     return model, result
 
 
+# Each parameter-efficient method's steps at its defaults: full fine-tuning's seconds (3000 steps) on the 2-core CPU,
+# where a step costs 1.05x (LoRA), 1.13x (QLoRA: the NF4 base is dequantised in every forward) and 1.34x (adapters)
+# full fine-tuning's (RESULTS.md; QLoRA's 2700 take 2% more: at 2600 a seed of ten fell short). At this width
+# (r = d / 4) freezing W_0 saves no multiply-adds: the forward and the input gradient are full fine-tuning's, and so
+# is LoRA's formed weight gradient (LoRALinear).
+PEFT_STEPS = {"lora": 2850, "qlora": 2700, "adapters": 2200}
+
+
+def peft_method(argv):
+    """full | lora | qlora | adapters: the method argv (None: the command line) asks for, read before the flags are
+    parsed, for the defaults that depend on it. A bad value counts as full fine-tuning: the flags' parser refuses it."""
+    try:
+        lora, adapters = (int(peek_flag(argv, name, "0")) > 0 for name in ("lora_rank", "adapter_dim"))
+    except ValueError:
+        return "full"
+    if lora:
+        return "qlora" if peek_flag(argv, "qlora", False) else "lora"
+    return "adapters" if adapters else "full"
+
+
 def sft_defaults(argv=()):
     """The configs of `python sft.py` (also what a later stage runs when out/sft.pt is missing), chosen by a seed
     sweep (RESULTS.md): the model learns addition in a sudden transition whose timing varies with the seed and the
     pretrained model. With batch 32 at lr 3e-3 it came after step 3000 in 4 of 10 runs; batch 64 at lr 2e-3 halves
     the gradient noise at a step size that stays stable, and the transition comes by step 1500 in most runs.
-    With --lora_rank in argv (LoRA or QLoRA) the rate is halved, 1e-3 -> 1e-4: at alpha / r = 8 the update B A
-    already moves 8x faster, and at the full rate QLoRA stalled on 3 seeds of 10 (RESULTS.md)."""
-    try:
-        lora = int(peek_flag(argv, "lora_rank", "0")) > 0
-    except ValueError:  # not a number: the flags' parser refuses it
-        lora = False
-    return TaskConfig(), SFTConfig(), train.TrainConfig(max_steps=3000, batch_size=64, lr=1e-3 if lora else 2e-3,
-                                                      min_lr=1e-4 if lora else 2e-4, warmup_steps=50,
-                                                      eval_interval=1000, weight_decay=0.0)
+    With --lora_rank (LoRA, QLoRA) or --adapter_dim in argv the method has its own defaults (RESULTS.md): PEFT_STEPS,
+    the rate decayed to 0, not to a tenth, so that the last steps settle instead of moving greedy accuracy by several
+    points, and half the rate, 1e-3: at alpha / r = 8 LoRA's update B A already moves 8x faster (the adapters' at
+    their scale 8 likewise), and at the full rate QLoRA stalled on 3 seeds of 10."""
+    method = peft_method(argv)
+    return TaskConfig(), SFTConfig(), train.TrainConfig(
+        max_steps=PEFT_STEPS.get(method, 3000), batch_size=64, lr=2e-3 if method == "full" else 1e-3,
+        min_lr=2e-4 if method == "full" else 0.0, warmup_steps=50, eval_interval=1000, weight_decay=0.0)
 
 
 LEARNT = 0.85  # greedy held-out accuracy below which the model is short of its plateau (past it: 93-98%)

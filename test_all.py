@@ -2124,22 +2124,25 @@ def test_sft_main_end_to_end(fine_tuned):
     model, ckpt = gpt.load_model(str(out / "sft.pt"))  # LoRA merged: a plain GPT
     assert model.cfg.block_size == 32 and model.cfg.prefix_lm  # every later stage runs the prefix LM
     assert ckpt["finished"] and ckpt["sft"]["lora_rank"] == 2
-    assert (ckpt["train_config"]["lr"], ckpt["train_config"]["min_lr"]) == (1e-3, 1e-4)  # LoRA's rate, from the CLI
+    assert (ckpt["train_config"]["lr"], ckpt["train_config"]["min_lr"]) == (1e-3, 0.0)  # LoRA's rate, from the CLI
     assert ckpt["task"] == {"name": "add", "digits": 3, "slip": 0.4}
     assert ckpt["built_from"]["gpt"]["stage"] == "gpt" and ckpt["built_from"]["gpt"]["config"]["n_layer"] == 2
 
 
-def test_lora_and_qlora_default_to_half_the_rate_and_a_given_rate_wins():
+def test_each_peft_method_has_its_own_schedule_and_a_given_flag_wins():
     full = sft.sft_defaults()[2]
-    assert (full.lr, full.min_lr) == (2e-3, 2e-4)
-    for argv in (["--lora_rank", "16"], ["--qlora", "--lora_rank=4"]):
-        lora = sft.sft_defaults(argv)[2]
-        assert (lora.lr, lora.min_lr) == (full.lr / 2, full.min_lr / 2)
-        assert dataclasses.replace(lora, lr=full.lr, min_lr=full.min_lr) == full  # nothing else changes
-    for argv in ([], ["--adapter_dim", "16"], ["--lora_rank", "0"], ["--lora_rank", "x"]):
-        assert sft.sft_defaults(argv)[2] == full
-    argv = ["--lora_rank", "16", "--lr", "3e-3"]
-    assert sft.parse_args(list(sft.sft_defaults(argv)), argv)[2].lr == 3e-3
+    assert (full.max_steps, full.lr, full.min_lr) == (3000, 2e-3, 2e-4)
+    for argv, steps, lr in ((["--lora_rank", "16"], 2850, 1e-3), (["--lora_rank=4", "--no-qlora"], 2850, 1e-3),
+                            (["--qlora", "--lora_rank=4"], 2700, 1e-3), (["--lora_rank", "8", "--qlora"], 2700, 1e-3),
+                            (["--adapter_dim", "16"], 2200, 1e-3)):
+        cfg = sft.sft_defaults(argv)[2]
+        assert (cfg.max_steps, cfg.lr, cfg.min_lr) == (steps, lr, 0.0), argv
+        assert dataclasses.replace(cfg, max_steps=3000, lr=2e-3, min_lr=2e-4) == full  # nothing else changes
+    for argv in ([], ["--lora_rank", "0"], ["--adapter_dim", "0"], ["--lora_rank", "x"], ["--qlora"]):
+        assert sft.sft_defaults(argv)[2] == full, argv  # --qlora alone: the flags' parser refuses it
+    argv = ["--lora_rank", "16", "--lr", "3e-3", "--max_steps", "10"]
+    assert (lambda c: (c.lr, c.max_steps, c.min_lr))(sft.parse_args(list(sft.sft_defaults(argv)), argv)[2]) == (
+        3e-3, 10, 0.0)
 
 
 def test_sft_seed_sweep_runs_each_seed_from_one_pretrained_model(tmp_path, pretrained):
