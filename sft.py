@@ -17,8 +17,9 @@ and saves out/sft.pt. Parameter-efficient fine-tuning (notes 10.4): `--lora_rank
 update of every linear layer instead of all weights, `--qlora` adds a frozen base stored in 4-bit NormalFloat,
 and `--adapter_dim 16` trains bottleneck adapters beside every linear layer (parallel adapters); with these the
 token table (`--tokens template`: only the rows of <sep> and <eos>, which pretraining never saw) and the
-normalisation gains train too (`--tokens none`, `--no-norms` freeze them; RESULTS.md has why each is needed).
-`--prefix_lm` fine-tunes with a bidirectional prompt (notes 8.4).
+normalisation gains train too (`--tokens none`, `--no-norms` freeze them; RESULTS.md has why each is needed). Each
+method has its own budget and schedule (`sft_defaults`): the steps that fit full fine-tuning's seconds, at half its
+rate decayed to 0. `--prefix_lm` fine-tunes with a bidirectional prompt (notes 8.4).
 
 Using a trained model of any stage (section 4): `python sft.py --sample out/dpo.pt --prompt 123+456 --n 5` prints
 five answers with r* (no --prompt: a prompt per line of stdin); `python sft.py --export_hf out/sft.pt --export_dir
