@@ -514,7 +514,8 @@ class NF4Linear(nn.Module):
     @property
     def weight(self):
         """W_0 dequantised: level[code] * s, (out_features, in_features) fp32."""
-        w = self.pairs[self.codes.int()].view(-1, NF4_BLOCK) * self.scales()[:, None]  # (n_blocks, 64)
+        # the byte's row of pairs: F.embedding is a gather (the same numbers), 2-4x faster than pairs[codes] on a CPU
+        w = F.embedding(self.codes.int(), self.pairs).view(-1, NF4_BLOCK) * self.scales()[:, None]  # (n_blocks, 64)
         return w.flatten()[:self.out_features * self.in_features].view(self.out_features, self.in_features)
 
     def forward(self, x):
@@ -804,10 +805,9 @@ def finetune(model, task, sft_cfg, train_cfg, built_from=None):
 
 
 # Each parameter-efficient method's steps at its defaults: full fine-tuning's seconds (3000 steps) on the 2-core CPU,
-# where a step costs 1.05x (LoRA), 1.13x (QLoRA: the NF4 base is dequantised in every forward) and 1.34x (adapters)
-# full fine-tuning's (RESULTS.md; QLoRA's 2700 take 2% more: at 2600 a seed of ten fell short). At this width
-# (r = d / 4) freezing W_0 saves no multiply-adds: the forward and the input gradient are full fine-tuning's, and so
-# is LoRA's formed weight gradient (LoRALinear).
+# where a step costs 1.05x (LoRA), 1.11x (QLoRA: the NF4 base is dequantised in every forward) and 1.34x (adapters)
+# full fine-tuning's (RESULTS.md). At this width (r = d / 4) freezing W_0 saves no multiply-adds: the forward and the
+# input gradient are full fine-tuning's, and so is LoRA's formed weight gradient (LoRALinear).
 PEFT_STEPS = {"lora": 2850, "qlora": 2700, "adapters": 2200}
 
 
