@@ -2141,8 +2141,8 @@ def test_each_peft_method_has_its_own_schedule_and_a_given_flag_wins():
     for argv in ([], ["--lora_rank", "0"], ["--adapter_dim", "0"], ["--lora_rank", "x"], ["--qlora"]):
         assert sft.sft_defaults(argv)[2] == full, argv  # --qlora alone: the flags' parser refuses it
     argv = ["--lora_rank", "16", "--lr", "3e-3", "--max_steps", "10"]
-    assert (lambda c: (c.lr, c.max_steps, c.min_lr))(sft.parse_args(list(sft.sft_defaults(argv)), argv)[2]) == (
-        3e-3, 10, 0.0)
+    cfg = sft.parse_args(list(sft.sft_defaults(argv)), argv)[2]
+    assert (cfg.lr, cfg.max_steps, cfg.min_lr) == (3e-3, 10, 0.0)
 
 
 def test_sft_seed_sweep_runs_each_seed_from_one_pretrained_model(tmp_path, pretrained):
