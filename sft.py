@@ -657,12 +657,19 @@ def wrap_peft(model, sft_cfg):
 # ----------------------------------------------------------------------------------------------
 # 3. Supervised fine-tuning
 
+# Each parameter-efficient method's steps at its defaults: full fine-tuning's seconds (3000 steps) on the 2-core CPU,
+# where a step costs 1.05x (LoRA), 1.11x (QLoRA: the NF4 base is dequantised in every forward) and 1.34x (adapters)
+# full fine-tuning's (RESULTS.md). At this width (r = d / 4) freezing W_0 saves no multiply-adds: the forward and the
+# input gradient are full fine-tuning's, and so is LoRA's formed weight gradient (LoRALinear).
+PEFT_STEPS = {"lora": 2850, "qlora": 2700, "adapters": 2200}
+
+
 @dataclass(frozen=True)
 class SFTConfig:
     init: str = arg("", "checkpoint to start from; empty = out_dir/gpt.pt (pretrained first if missing)")
     lora_rank: int = arg(0, "LoRA rank r (0 = fine-tune all weights); with it --lr defaults to 1e-3, half the "
-                            "full fine-tuning rate, --min_lr to 0 and --max_steps to 2850 (2700 with --qlora), "
-                            "full fine-tuning's seconds (RESULTS.md)")
+                            f"full fine-tuning rate, --min_lr to 0 and --max_steps to {PEFT_STEPS['lora']} "
+                            f"({PEFT_STEPS['qlora']} with --qlora), full fine-tuning's seconds (RESULTS.md)")
     lora_alpha: float = arg(128.0, "LoRA scaling alpha: the update is (alpha / r) B A; 128 at r = 16 is a scale of 8, "
                                    "at which, with LoRA's default rate, LoRA and QLoRA learnt on all of ten seeds "
                                    "(RESULTS.md)")
@@ -671,8 +678,8 @@ class SFTConfig:
                                    "not learn this task, RESULTS.md)")
     qlora: bool = arg(False, "QLoRA: the frozen linear weights of the blocks in 4-bit NF4 (needs --lora_rank)")
     adapter_dim: int = arg(0, "adapter bottleneck width (0 = off); with it --lr defaults to 1e-3, --min_lr to 0 and "
-                              "--max_steps to 2200, full fine-tuning's seconds; saved as out_dir/sft_adapter.pt, "
-                              "not sft.pt")
+                              f"--max_steps to {PEFT_STEPS['adapters']}, full fine-tuning's seconds; saved as "
+                              "out_dir/sft_adapter.pt, not sft.pt")
     adapter_scale: float = arg(8.0, "adapter output scale s: y = W_0 x + s W_up gelu(W_down x), in the role of "
                                     "LoRA's alpha / r and, as it, 8 at half the rate (RESULTS.md)")
     tokens: str = arg("all", "with LoRA, QLoRA or adapters, which rows of the token table (the embedding and the "
@@ -804,18 +811,12 @@ def finetune(model, task, sft_cfg, train_cfg, built_from=None):
     return model, result
 
 
-# Each parameter-efficient method's steps at its defaults: full fine-tuning's seconds (3000 steps) on the 2-core CPU,
-# where a step costs 1.05x (LoRA), 1.11x (QLoRA: the NF4 base is dequantised in every forward) and 1.34x (adapters)
-# full fine-tuning's (RESULTS.md). At this width (r = d / 4) freezing W_0 saves no multiply-adds: the forward and the
-# input gradient are full fine-tuning's, and so is LoRA's formed weight gradient (LoRALinear).
-PEFT_STEPS = {"lora": 2850, "qlora": 2700, "adapters": 2200}
-
-
 def peft_method(argv):
     """full | lora | qlora | adapters: the method argv (None: the command line) asks for, read before the flags are
     parsed, for the defaults that depend on it. A bad value counts as full fine-tuning: the flags' parser refuses it."""
     try:
-        lora, adapters = (int(peek_flag(argv, name, "0")) > 0 for name in ("lora_rank", "adapter_dim"))
+        lora = int(peek_flag(argv, "lora_rank", "0")) > 0
+        adapters = int(peek_flag(argv, "adapter_dim", "0")) > 0
     except ValueError:
         return "full"
     if lora:
